@@ -1,0 +1,112 @@
+"""Activations fused into the BatchNorm kernels: forward `_act(z)` and derivative `_act_grad(z)`, one place each.
+
+Everything is evaluated in the accumulation dtype (float32 for 16-bit inputs, float64 for float64), on the
+pre-activation z = xhat * weight + bias, so 16-bit inputs round once, at the store. `PARAM` carries the one
+parameter an activation may have: negative_slope (leaky_relu) or alpha (elu); the others ignore it.
+
+Where torch is exact near 0 we are too: ELU/SELU use expm1 and mish uses log1p, both through Kahan's
+correction (u = exp(z); (u - 1) * z / log(u)), which needs only exp/log and so runs on every backend,
+the interpreter included. Derivatives follow torch's backward kernels, including the choice at the kink:
+relu'(0) = 0, leaky_relu'(0) = slope, elu'(0) = alpha (torch tests `z > 0` everywhere).
+"""
+
+import triton
+import triton.language as tl
+
+SELU_ALPHA: tl.constexpr = 1.6732632423543772848170429916717
+SELU_SCALE: tl.constexpr = 1.0507009873554804934193349852946
+SQRT_2_OVER_PI: tl.constexpr = 0.7978845608028654
+INV_SQRT_2: tl.constexpr = 0.7071067811865476
+INV_SQRT_2PI: tl.constexpr = 0.3989422804014327
+GELU_TANH_COEF: tl.constexpr = 0.044715
+
+
+@triton.jit
+def _expm1(z):
+    # Kahan: exact to a few ulp near 0, where exp(z) - 1 cancels.
+    u = tl.exp(z)
+    um1 = u - 1.0
+    safe_log = tl.where((u == 1.0) | (um1 == -1.0), 1.0, tl.log(u))
+    corrected = um1 * z / safe_log
+    return tl.where(u == 1.0, z, tl.where(um1 == -1.0, -1.0, tl.where(u == float("inf"), u, corrected)))
+
+
+@triton.jit
+def _log1p(w):
+    # Kahan: exact to a few ulp for tiny w, where log(1 + w) rounds to 0.
+    u = 1.0 + w
+    safe_den = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, w, tl.where(u == float("inf"), u, tl.log(u) * w / safe_den))
+
+
+@triton.jit
+def _tanh(z):
+    # tanh(z) = sign(z) * (1 - e) / (1 + e), e = exp(-2|z|) in (0, 1]: no overflow; -expm1 keeps small z exact.
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = -_expm1(-2.0 * tl.abs(z)) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _softplus(z):
+    # torch's mish uses softplus with threshold 20: z itself above it.
+    return tl.where(z > 20.0, z, _log1p(tl.exp(tl.minimum(z, 20.0))))
+
+
+@triton.jit
+def _act(z, ACTIVATION: tl.constexpr, PARAM):
+    if ACTIVATION == "relu":
+        return tl.where(z > 0, z, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        return tl.where(z > 0, z, z * PARAM)
+    elif ACTIVATION == "elu":
+        return tl.where(z > 0, z, PARAM * _expm1(tl.minimum(z, 0.0)))
+    elif ACTIVATION == "selu":
+        return SELU_SCALE * tl.where(z > 0, z, SELU_ALPHA * _expm1(tl.minimum(z, 0.0)))
+    elif ACTIVATION == "silu":
+        return z * tl.sigmoid(z)
+    elif ACTIVATION == "gelu":
+        return 0.5 * z * (1.0 + tl.erf(z * INV_SQRT_2))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * z * (1.0 + _tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEF * z * z * z)))
+    elif ACTIVATION == "sigmoid":
+        return tl.sigmoid(z)
+    elif ACTIVATION == "tanh":
+        return _tanh(z)
+    elif ACTIVATION == "mish":
+        return z * _tanh(_softplus(z))
+    else:
+        return z
+
+
+@triton.jit
+def _act_grad(z, ACTIVATION: tl.constexpr, PARAM):
+    """d act / d z at the pre-activation z (1 for no activation)."""
+    if ACTIVATION == "relu":
+        return tl.where(z > 0, 1.0, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        return tl.where(z > 0, 1.0, PARAM)
+    elif ACTIVATION == "elu":
+        return tl.where(z > 0, 1.0, PARAM * tl.exp(tl.minimum(z, 0.0)))
+    elif ACTIVATION == "selu":
+        return SELU_SCALE * tl.where(z > 0, 1.0, SELU_ALPHA * tl.exp(tl.minimum(z, 0.0)))
+    elif ACTIVATION == "silu":
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == "gelu":
+        return 0.5 * (1.0 + tl.erf(z * INV_SQRT_2)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == "gelu_tanh":
+        t = _tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEF * z * z * z))
+        dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * z * z)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
+    elif ACTIVATION == "sigmoid":
+        s = tl.sigmoid(z)
+        return s * (1.0 - s)
+    elif ACTIVATION == "tanh":
+        t = _tanh(z)
+        return 1.0 - t * t
+    elif ACTIVATION == "mish":
+        t = _tanh(_softplus(z))
+        return t + z * (1.0 - t * t) * tl.sigmoid(z)
+    else:
+        return tl.full(z.shape, 1.0, z.dtype)

@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="bnfast",
+    version="0.1.0",
+    description="Fused Triton kernels for BatchNorm (+ activation): a drop-in torch.nn.BatchNorm1d",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    # kernels/ installs as bnfast.kernels: PyPI already has an unrelated top-level package named `kernels`.
+    packages=["bnfast", "bnfast.kernels"],
+    package_dir={"bnfast": "bnfast", "bnfast.kernels": "kernels"},
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "examples": ["torchvision", "matplotlib", "tqdm"],
+    },
+)

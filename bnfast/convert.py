@@ -1,0 +1,67 @@
+"""`convert(model)`: adopt bnfast in an existing model with one call.
+
+Every `nn.BatchNorm1d` becomes a `FusedBatchNorm1d` that takes over the very same Parameter and buffer objects
+(so an optimizer built before the call keeps working, and outputs are unchanged). Inside an `nn.Sequential`,
+a BatchNorm1d directly followed by a supported activation module is fused with it: the BN slot holds
+`FusedBatchNorm1d(activation=...)` and the activation's slot becomes `nn.Identity()`, so indices and
+state_dict keys stay valid. Only the Sequential's slot changes: an activation object reused elsewhere (the
+seeds' MLP uses one `relu` twice) keeps working there. A BatchNorm1d that appears in several places is
+converted once and shared, but not fused (its successors may differ).
+"""
+
+from collections import Counter
+
+from torch import nn
+
+from .activations import activation_of_module
+from .batch_norm import FusedBatchNorm1d
+
+
+def _is_plain_bn1d(module: nn.Module) -> bool:
+    if type(module) is FusedBatchNorm1d:
+        return not module.activation
+    return type(module) is nn.BatchNorm1d
+
+
+def _fused_from(bn: nn.BatchNorm1d, activation=None) -> FusedBatchNorm1d:
+    fused = FusedBatchNorm1d(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
+        bias=bn.bias is not None if bn.affine else True, activation=activation,
+    )  # fmt: skip
+    # take over the original tensors themselves: same storage, device, dtype and requires_grad
+    for name in ("weight", "bias"):
+        fused.register_parameter(name, getattr(bn, name, None))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        fused.register_buffer(name, getattr(bn, name, None))
+    return fused.train(bn.training)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace nn.BatchNorm1d by FusedBatchNorm1d in place, fusing BN -> activation pairs; returns `model`.
+
+    Use `convert(copy.deepcopy(model))` to keep the original.
+    """
+    if _is_plain_bn1d(model):
+        return _fused_from(model)
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    converted: dict[int, FusedBatchNorm1d] = {}
+
+    def plain(bn):
+        if id(bn) not in converted:
+            converted[id(bn)] = _fused_from(bn)
+        return converted[id(bn)]
+
+    for parent in list(model.modules()):
+        names = list(parent._modules)
+        for i, name in enumerate(names):
+            child = parent._modules[name]
+            if child is None or not _is_plain_bn1d(child):
+                continue
+            following = parent._modules[names[i + 1]] if i + 1 < len(names) else None
+            activation = activation_of_module(following) if following is not None else None
+            if isinstance(parent, nn.Sequential) and activation is not None and uses[id(child)] == 1:
+                parent._modules[name] = _fused_from(child, activation)
+                parent._modules[names[i + 1]] = nn.Identity()
+            else:
+                parent._modules[name] = plain(child)
+    return model

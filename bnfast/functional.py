@@ -29,7 +29,8 @@ def _check_inputs(x, running_mean, running_var, weight, bias, training):
     if x.dim() not in (2, 3):
         raise ValueError(f"expected 2D or 3D input (got {x.dim()}D input)")
     if x.dtype not in _SUPPORTED_DTYPES:
-        raise NotImplementedError(f'"batch_norm" not implemented for {x.dtype}: bnfast supports float16, '
+        scalar_type = x.new_empty(0).type().removeprefix("torch.").removesuffix("Tensor")  # torch's name: 'Long'
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{scalar_type}': bnfast supports float16, "
                                   "bfloat16, float32 and float64 inputs")  # fmt: skip
     C = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):

@@ -18,6 +18,8 @@ Backward (eval):  mean, rstd are constants: dx = g*w*rstd, db and dw as above.
 Variance is never E[x^2]-E[x]^2: each tile gives its exact (count, mean, M2 = sum of squared deviations),
 tiles are merged with Chan's formula, and splits are merged by the parallel formula
 M2 = sum_k M2_k + sum_k n_k*(mean_k-mean)**2, so mean 1e4 / std 1 inputs keep full float32 precision.
+Means are refined once in registers (`_channel_mean`) and split means merged around a shift, so the mean is
+correctly rounded; y is computed as (x - mean)*scale + b, never x*scale + (b - mean*scale), which cancels.
 
 Two launch plans, chosen by `kernels.launchers`:
 - column fits (BLOCK_N >= N and BLOCK_S >= S): one program per channel block holds the whole column in
@@ -72,12 +74,27 @@ def _count(N, S, ACC: tl.constexpr):
 
 
 @triton.jit
-def _rsqrt(v, ACC: tl.constexpr):
+def _rsqrt_eps(var, eps, ACC: tl.constexpr):
+    """1/sqrt(var + eps) in ACC. eps arrives as float64 (see the kernels' `eps: tl.float64`): a Python float
+    passed plainly would be rounded to float32 and float64 inputs would lose precision."""
+    v = var + tl.full([], eps, ACC)
     # sqrt_rn: IEEE sqrt for float32 (tl.sqrt may be approximate there); float64 sqrt is always exact.
     if ACC == tl.float32:
         return 1.0 / tl.sqrt_rn(v)
     else:
         return 1.0 / tl.sqrt(v)
+
+
+@triton.jit
+def _channel_mean(x, mask, count):
+    """sum(x)/count, then refined once by the mean of (x - first estimate).
+
+    A plain float32 sum drifts by a few ulps of the total, which for |mean| >> spread (mean 1e4, std 1) is
+    several ulps of the mean, and every xhat inherits it. The differences x - mean0 are exact (Sterbenz) and
+    small, so the correction is accurate and the mean comes out correctly rounded, like a float64 sum would.
+    """
+    mean0 = _channel_sum(x) / count
+    return mean0 + _channel_sum(tl.where(mask, x - _bcast(mean0), 0.0)) / count
 
 
 @triton.jit
@@ -103,7 +120,7 @@ def _update_running_stats(
     if CUMULATIVE:
         factor = 1.0 / tl.load(nbt_ptr).to(ACC)
     else:
-        factor = momentum
+        factor = tl.full([], momentum, ACC)
     c_mask = c_offs < C
     rm = tl.load(rm_in_ptr + c_offs, mask=c_mask, other=0.0)
     rv = tl.load(rv_in_ptr + c_offs, mask=c_mask, other=0.0)
@@ -119,7 +136,7 @@ def _bn_fwd_fused_kernel(
     y_ptr, mean_ptr, rstd_ptr,  # outputs; mean/rstd in ACC, shape (C,)
     x_ptr, w_ptr, b_ptr, rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    eps, momentum, act_param,
+    eps: tl.float64, momentum: tl.float64, act_param,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -129,10 +146,10 @@ def _bn_fwd_fused_kernel(
     x_ptrs, mask = _tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)  # masked lanes load 0 and are masked out of the M2 sum
     M = _count(N, S, ACC)
-    mean = _channel_sum(x) / M
+    mean = _channel_mean(x, mask, M)
     centered = tl.where(mask, x - _bcast(mean), 0.0)
     var = _channel_sum(centered * centered) / M
-    rstd = _rsqrt(var + eps, ACC)
+    rstd = _rsqrt_eps(var, eps, ACC)
     c_mask = c_offs < C
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
     tl.store(rstd_ptr + c_offs, rstd, mask=c_mask)
@@ -168,7 +185,7 @@ def _bn_fwd_stats_partial_kernel(
         x_ptrs, mask = _tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
         tile_cnt = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(S - s0, BLOCK_S)).to(ACC)
-        tile_mean = _channel_sum(x) / tile_cnt
+        tile_mean = _channel_mean(x, mask, tile_cnt)
         d = tl.where(mask, x - _bcast(tile_mean), 0.0)
         tile_m2 = _channel_sum(d * d)
         new_cnt = cnt + tile_cnt
@@ -187,13 +204,16 @@ def _bn_fwd_stats_partial_kernel(
 def _bn_fwd_stats_finalize_kernel(
     mean_ptr, rstd_ptr,  # outputs, (C,) in ACC
     part_cnt_ptr, part_mean_ptr, part_m2_ptr, rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
-    C, num_splits, eps, momentum,
+    C, num_splits, eps: tl.float64, momentum: tl.float64,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Split stage 2: merge the splits in a fixed order (parallel formula), write mean/rstd, running stats."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
+    # Weighted mean of the split means, shifted by split 0's mean (split 0 always holds tile 0): the shifted
+    # terms are small and exact, so the merged mean stays correctly rounded when |mean| >> spread.
+    shift = tl.load(part_mean_ptr + c_offs, mask=c_mask, other=0.0)
     total = tl.zeros([BLOCK_C], ACC)
     weighted = tl.zeros([BLOCK_C], ACC)
     for k0 in range(0, num_splits, BLOCK_SPLITS):
@@ -202,9 +222,10 @@ def _bn_fwd_stats_finalize_kernel(
         mask = (k[:, None] < num_splits) & c_mask[None, :]
         cnt = tl.load(part_cnt_ptr + offs, mask=mask, other=0.0)  # empty splits have count 0: they add nothing
         total += tl.sum(cnt, axis=0)
-        weighted += tl.sum(cnt * tl.load(part_mean_ptr + offs, mask=mask, other=0.0), axis=0)
+        part_mean = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
+        weighted += tl.sum(cnt * (part_mean - shift[None, :]), axis=0)
     total = tl.maximum(total, 1.0)  # only masked channels (c >= C) have no values: keep them finite
-    mean = weighted / total
+    mean = shift + weighted / total
     m2 = tl.zeros([BLOCK_C], ACC)
     for k0 in range(0, num_splits, BLOCK_SPLITS):
         k = k0 + tl.arange(0, BLOCK_SPLITS)
@@ -215,10 +236,11 @@ def _bn_fwd_stats_finalize_kernel(
         m2 += tl.sum(tl.load(part_m2_ptr + offs, mask=mask, other=0.0) + cnt * d * d, axis=0)
     var = m2 / total
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
-    tl.store(rstd_ptr + c_offs, _rsqrt(var + eps, ACC), mask=c_mask)
+    tl.store(rstd_ptr + c_offs, _rsqrt_eps(var, eps, ACC), mask=c_mask)
     if UPDATE_RUNNING:
         _update_running_stats(
-            rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, mean, var, total, momentum, CUMULATIVE, ACC
+            rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C,
+            mean, var, total, momentum, CUMULATIVE, ACC,
         )
 
 
@@ -229,7 +251,7 @@ def _load_stats(mean_ptr, stat_ptr, c_offs, C, eps, STAT_IS_VAR: tl.constexpr, A
     mean = tl.load(mean_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
     stat = tl.load(stat_ptr + c_offs, mask=c_mask, other=1.0).to(ACC)
     if STAT_IS_VAR:
-        rstd = _rsqrt(stat + eps, ACC)
+        rstd = _rsqrt_eps(stat, eps, ACC)
     else:
         rstd = stat
     return mean, rstd
@@ -240,7 +262,7 @@ def _bn_fwd_normalize_kernel(
     y_ptr,  # output
     x_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    eps, act_param,
+    eps: tl.float64, act_param,
     STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -251,8 +273,9 @@ def _bn_fwd_normalize_kernel(
     num_splits = tl.num_programs(1)
     mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, eps, STAT_IS_VAR, ACC)
     w, b = _load_channel_params(w_ptr, b_ptr, c_offs, C, HAS_WEIGHT, HAS_BIAS, ACC)
+    # (x - mean) * scale + b, not x * scale + (b - mean * scale): the folded form cancels catastrophically
+    # when |mean| >> spread (mean 1e4, std 1 loses 3 digits); the subtraction is exact there (Sterbenz).
     scale = _bcast(rstd * w)
-    shift = _bcast(b - mean * rstd * w)
     s_tiles = tl.cdiv(S, BLOCK_S)
     num_tiles = tl.cdiv(N, BLOCK_N) * s_tiles
     for t in range(split, num_tiles, num_splits):
@@ -260,7 +283,7 @@ def _bn_fwd_normalize_kernel(
         s0 = (t % s_tiles) * BLOCK_S
         x_ptrs, mask = _tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
-        y = _act(x * scale + shift, ACTIVATION, act_param)
+        y = _act((x - _bcast(mean)) * scale + _bcast(b), ACTIVATION, act_param)
         y_ptrs, _ = _tile(y_ptr, n0, s0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -273,7 +296,7 @@ def _bn_bwd_fused_kernel(
     dx_ptr, dw_ptr, db_ptr,  # outputs; dw/db in the parameters' dtype
     x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
-    eps, act_param,
+    eps: tl.float64, act_param,
     TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
@@ -312,7 +335,7 @@ def _bn_bwd_reduce_partial_kernel(
     part_db_ptr, part_dw_ptr, dx_ptr,  # outputs; partials (num_splits, C) in ACC
     x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
-    eps, act_param,
+    eps: tl.float64, act_param,
     TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     COMPUTE_DX: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -339,7 +362,9 @@ def _bn_bwd_reduce_partial_kernel(
         dw += _channel_sum(g * xhat)
         if not TRAINING:
             if COMPUTE_DX:
-                dx_ptrs, _ = _tile(dx_ptr, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
+                dx_ptrs, _ = _tile(
+                    dx_ptr, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S
+                )
                 tl.store(dx_ptrs, (_bcast(w * rstd) * g).to(dx_ptr.dtype.element_ty), mask=mask)
     out = split * C + c_offs
     c_mask = c_offs < C

@@ -10,11 +10,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+from parity import DEVICE  # noqa: E402
 
 import bnfast.kernels.launchers as launchers  # noqa: E402
-
-DEVICE = torch.device(os.environ.get("BNFAST_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture

@@ -59,14 +59,15 @@ def make_pair(num_features, *, dtype=torch.float32, device=DEVICE, activation=No
     return torch_bn, ours
 
 
-def run_step(module, x, dy):
-    """Forward + backward of one module on a fresh leaf copy of x: (y, dx, dweight, dbias)."""
-    module.zero_grad(set_to_none=True)
+def run_step(module, x, dy, bn=None):
+    """Forward + backward on a fresh leaf copy of x: (y, dx, dweight, dbias); the BN is `module` unless given."""
+    bn = module if bn is None else bn
+    bn.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     y = module(x)
     y.backward(dy)
     grad = lambda p: None if p is None else p.grad  # noqa: E731
-    return y.detach(), x.grad, grad(module.weight), grad(module.bias)
+    return y.detach(), x.grad, grad(bn.weight), grad(bn.bias)
 
 
 def ref64_step(torch_bn, x, dy, activation=None):
@@ -90,7 +91,7 @@ def compare_step(torch_bn, ours, x, dy, activation=None):
     """One forward+backward of both modules from the same state; every output checked against ref64."""
     act = resolve_activation(activation)
     expected = ref64_step(torch_bn, x, dy, act)
-    theirs = run_step(nn.Sequential(torch_bn, act.module()) if act else torch_bn, x, dy)
+    theirs = run_step(nn.Sequential(torch_bn, act.module()) if act else torch_bn, x, dy, bn=torch_bn)
     mine = run_step(ours, x, dy)
     for name, a, b, r in zip(("y", "dx", "dweight", "dbias"), mine, theirs, expected[:4], strict=True):
         if b is None:

@@ -17,5 +17,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
         "examples": ["torchvision", "matplotlib", "tqdm"],
+        "lint": ["ruff"],
     },
 )

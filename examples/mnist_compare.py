@@ -1,0 +1,470 @@
+"""MNIST: an MLP without BatchNorm, with torch.nn.BatchNorm1d, and with bnfast, trained side by side.
+
+The experiment (defaults = the reference tutorial): images flattened to 784 values in [0, 1], the model
+`Linear(784, H) -> [BN] -> act -> Linear(H, H) -> [BN] -> act -> Linear(H, 10)`, cross-entropy, Adam, batch 32
+shuffled with the incomplete last batch dropped, 10 epochs, seed 1.
+
+Design:
+- Same start. The no-BN and torch-BN models are each built right after `torch.manual_seed(seed)`, so their
+  Linear layers start identical (BatchNorm's init draws no random numbers). The bnfast model is
+  `bnfast.convert(copy.deepcopy(torch_bn))`: the same weights, BN -> activation fused into one kernel.
+- Same batches. MNIST is small, so each split is loaded once as two tensors on the device (`data / 255`, what
+  `ToTensor()` computes) and batches are index slices of a fresh `torch.randperm` per epoch from one seeded
+  generator, the last incomplete batch dropped: the sampling of `DataLoader(shuffle=True, drop_last=True)`
+  without its per-sample Python overhead (the order itself differs from a DataLoader's: that one also draws a
+  worker seed from the generator). Every batch is fed to each model in turn, so all three see the very same
+  sequence of batches; none of them draws random numbers while training (no dropout).
+- Timing. The models interleave in one loop, so each model's steps are timed separately (with
+  `torch.cuda.synchronize()` on CUDA) and summed into its epoch time. Before timing, each model takes one step
+  on a throwaway copy, so Triton's JIT compile and CUDA's lazy init are not counted.
+- Evaluation. Before training (epoch 0) and after every epoch, in eval mode under no_grad, in batches of
+  1000: loss and accuracy on the training split and on the test split ("VALID").
+- Evidence that bnfast matches. At the end, the largest absolute differences between the torch-BN and bnfast
+  models are printed and stored: weights and running stats, and logits in training and eval mode. The Linear
+  biases that feed a BN are reported apart: their gradient is zero in exact arithmetic, so they only carry
+  rounding noise, which Adam scales up (see `compare_bn_models`).
+- Backend, stated honestly. On CUDA bnfast runs its Triton kernels; on CPU it runs them through Triton's
+  interpreter only when TRITON_INTERPRET=1 was set before the import (slow, exact: how CI checks the kernels),
+  and otherwise falls back to torch ops. The table and results.json say which.
+
+Data lookup (`--data-dir`, default `data/`): the files torchvision reads from `<data-dir>/MNIST/raw`; else the
+four original `.gz` files, from that folder or copied into it from `$BNFAST_MNIST_RAW` or, when that is unset,
+from this repo's `../shared/data/MNIST/raw` (md5-checked against torchvision's list, then decompressed: no
+network); else torchvision's download (with `--download`, the default). If none works, the script exits with
+one message saying which files to put where.
+
+Outputs (`--out`, default `runs/mnist-<timestamp>`): results.json (config, versions, device, backend, per model
+per epoch: train/valid loss and accuracy, training time and steps per second; the torch-BN vs bnfast
+difference) and, unless `--no-plots`, train_loss.png, train_acc.png, valid_loss.png and valid_acc.png.
+"""
+
+import argparse
+import copy
+import datetime
+import itertools
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import bnfast
+
+MODEL_NAMES = ("no-BN", "torch-BN", "bnfast")
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "silu", "gelu")  # all fused by bnfast.convert
+EVAL_BATCH_SIZE = 1000  # evaluation only: fewer, larger launches (each one costs milliseconds when interpreted)
+IMAGE_SIZE = 28 * 28
+NUM_CLASSES = 10
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_RAW_DIR = REPO_ROOT.parent / "shared" / "data" / "MNIST" / "raw"
+RAW_DIR_ENV = "BNFAST_MNIST_RAW"
+# plot file name -> (history key, title, y label)
+PLOTS = {
+    "train_loss": ("train_loss", "Training loss (eval mode, after each epoch)", "cross-entropy loss"),
+    "train_acc": ("train_acc", "Training accuracy (eval mode, after each epoch)", "accuracy"),
+    "valid_loss": ("valid_loss", "Test loss after each epoch", "cross-entropy loss"),
+    "valid_acc": ("valid_acc", "Test accuracy after each epoch", "accuracy"),
+}
+LINE_STYLES = {  # fixed colours per model; bnfast dashed, so that it shows on top of torch-BN
+    "no-BN": {"color": "C0", "marker": "o"},
+    "torch-BN": {"color": "C1", "marker": "o"},
+    "bnfast": {"color": "C2", "marker": "x", "linestyle": "--"},
+}
+TABLE_COLUMNS = ("model", "backend", "final test acc", "best test acc", "mean epoch s", "time vs torch-BN")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train an MNIST MLP without BN, with torch.nn.BatchNorm1d and with bnfast on the same batches; "
+        "print per-epoch metrics and a summary table, write results.json and plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"Offline data: put the four MNIST .gz files in <data-dir>/MNIST/raw, or point ${RAW_DIR_ENV} at a "
+        "folder holding them. Kernels on CPU: set TRITON_INTERPRET=1 to run bnfast's Triton kernels in the "
+        "interpreter (slow); without it bnfast falls back to torch ops on CPU.",
+    )
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (last partial one dropped)")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
+    parser.add_argument("--hidden", type=int, default=32, help="width of the two hidden layers")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
+                        help="activation after each hidden layer: a torch module in the no-BN and torch-BN models, "
+                        "fused into the BatchNorm kernel in the bnfast model")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=1, help="seed for the initial weights and the batch order")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available, else cpu")  # fmt: skip
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="torchvision root: MNIST/raw lives here")
+    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                        help="download MNIST with torchvision when no local copy is found")  # fmt: skip
+    parser.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images")
+    parser.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images")
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
+                        help="which models to train")  # fmt: skip
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/mnist-<timestamp>)")
+    args = parser.parse_args(argv)
+    for option in ("epochs", "batch_size", "hidden", "limit_train", "limit_test"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    if args.out is None:
+        args.out = Path("runs") / f"mnist-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    args.models = [name for name in MODEL_NAMES if name in args.models]  # table order, no duplicates
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _missing_data_message(raw_dir: Path, reason: str) -> str:
+    from torchvision.datasets import MNIST
+
+    names = ", ".join(name for name, _ in MNIST.resources)
+    return (
+        f"MNIST not found ({reason}). Put the four original files ({names}) in {raw_dir}, "
+        f"or point ${RAW_DIR_ENV} at a folder holding them, or run with --download and internet access."
+    )
+
+
+def _stage_local_archives(raw_dir: Path) -> None:
+    """Make `raw_dir` hold the decompressed files torchvision reads, from verified local .gz files if any.
+
+    Looks for each .gz in `raw_dir` itself, then in $BNFAST_MNIST_RAW if set, else in the repo's shared data
+    folder; a copy is taken into `raw_dir` (the sources stay read-only). Leaves `raw_dir` as is when a file is
+    missing everywhere: torchvision's download, or the final message, deals with that.
+    """
+    from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import check_integrity, extract_archive
+
+    sources = [raw_dir, Path(os.environ.get(RAW_DIR_ENV) or SHARED_RAW_DIR)]  # the variable replaces the default
+    for name, md5 in MNIST.resources:
+        if check_integrity(raw_dir / name.removesuffix(".gz")):  # torchvision's own existence check
+            continue
+        archive = next((source / name for source in sources if check_integrity(source / name, md5)), None)
+        if archive is None:
+            return
+        if archive.parent != raw_dir:
+            raw_dir.mkdir(parents=True, exist_ok=True)
+            archive = Path(shutil.copyfile(archive, raw_dir / name))
+        extract_archive(str(archive), str(raw_dir))
+
+
+def load_mnist(data_dir: Path, download: bool, device: torch.device):
+    """((train_x, train_y), (test_x, test_y)): images as float (N, 784) in [0, 1], labels int64, on `device`."""
+    from urllib.error import URLError
+
+    from torchvision.datasets import MNIST
+
+    raw_dir = data_dir / "MNIST" / "raw"
+    _stage_local_archives(raw_dir)
+    try:
+        splits = [MNIST(str(data_dir), train=train, download=download) for train in (True, False)]
+    except (RuntimeError, URLError, OSError) as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        detail = " ".join(dict.fromkeys([lines[0], lines[-1]]))  # torchvision's: "Error downloading <file>:" ... cause
+        reason = f"download failed: {detail}" if download else "--no-download given"
+        raise SystemExit(_missing_data_message(raw_dir, reason)) from None
+    # data / 255 is what ToTensor() does to uint8 images
+    return [(s.data.to(device).float().div(255).view(-1, IMAGE_SIZE), s.targets.to(device)) for s in splits]
+
+
+# -------------------------------------------------------------------------------------------------- models
+
+
+def build_mlp(hidden: int, activation: str, batch_norm: bool) -> nn.Sequential:
+    """Linear(784, H) -> [BN] -> act -> Linear(H, H) -> [BN] -> act -> Linear(H, 10)."""
+    layers, width = [], IMAGE_SIZE
+    for _ in range(2):
+        layers.append(nn.Linear(width, hidden))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(bnfast.resolve_activation(activation).module())  # the plain torch module, e.g. nn.ReLU()
+        width = hidden
+    layers.append(nn.Linear(hidden, NUM_CLASSES))
+    return nn.Sequential(*layers)
+
+
+def build_models(args, device: torch.device) -> dict[str, nn.Module]:
+    """The selected models, seeded as described in the module docstring."""
+    torch.manual_seed(args.seed)
+    no_bn = build_mlp(args.hidden, args.activation, batch_norm=False)
+    torch.manual_seed(args.seed)
+    torch_bn = build_mlp(args.hidden, args.activation, batch_norm=True)
+    models = {"no-BN": no_bn, "torch-BN": torch_bn, "bnfast": bnfast.convert(copy.deepcopy(torch_bn))}
+    return {name: models[name].to(device) for name in args.models}
+
+
+def bnfast_backend(device: torch.device) -> str:
+    """What runs bnfast's BatchNorm on `device`: "triton", "interpreter" (Triton on CPU) or "torch fallback"."""
+    if not bnfast.uses_triton(torch.empty(0, device=device)):
+        return "torch fallback"
+    return "triton" if device.type == "cuda" else "interpreter"
+
+
+def compare_bn_models(torch_bn: nn.Sequential, fused: nn.Sequential, x: torch.Tensor) -> dict:
+    """How far apart the torch-BN and bnfast models ended up, as max absolute differences.
+
+    A Linear bias right before a BatchNorm is redundant: BN subtracts the batch mean, so the bias gradient is
+    zero in exact arithmetic, and in float32 it is rounding noise that differs between the two implementations.
+    Adam divides each step by the gradient's own scale, turning that noise into steps of about lr, in
+    unrelated directions in the two models; these biases, and the running means that track them, drift apart
+    without changing what the model computes in training mode. So they are reported on their own, the other
+    weights and running stats together, and the logits on `x` in training mode (batch statistics: the bias
+    cancels) and in eval mode (running means: they lag the bias by a few steps, so a small difference shows).
+    """
+    redundant = set()
+    for (name, module), (following, next_module) in itertools.pairwise(torch_bn.named_children()):
+        if isinstance(module, nn.Linear) and isinstance(next_module, nn.BatchNorm1d):
+            redundant |= {f"{name}.bias", f"{following}.running_mean"}
+    fused_state = fused.state_dict()
+    diffs = {k: (v - fused_state[k]).abs().max().item() for k, v in torch_bn.state_dict().items()
+             if v.is_floating_point()}  # fmt: skip
+    kept = {k: d for k, d in diffs.items() if k not in redundant}
+    worst = max(kept, key=kept.get)
+    result = {"max_abs_diff": kept[worst], "worst_tensor": worst,
+              "redundant_max_abs_diff": max((diffs[k] for k in redundant), default=0.0),
+              "redundant_tensors": sorted(redundant)}  # fmt: skip
+    with torch.no_grad():
+        for mode in ("train", "eval"):  # on copies: a training-mode forward updates the running stats
+            a, b = (copy.deepcopy(m).train(mode == "train") for m in (torch_bn, fused))
+            result[f"{mode}_mode_logits_max_abs_diff"] = (a(x) - b(x)).abs().max().item()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    """Index batches (on `device`) of a fresh permutation of range(n), the last incomplete one dropped."""
+    order = torch.randperm(n, generator=generator).to(device)  # drawn on the CPU: same order on every device
+    return list(order[: n - n % batch_size].split(batch_size))
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def warm_up(model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step on a throwaway copy: compiles kernels and initialises CUDA without touching `model`."""
+    scratch = copy.deepcopy(model)
+    train_step(scratch, torch.optim.Adam(scratch.parameters(), lr=lr), x, y)
+    synchronize(x.device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode; the model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for xb, yb in zip(x.split(EVAL_BATCH_SIZE), y.split(EVAL_BATCH_SIZE), strict=True):
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    return loss_sum / len(y), correct / len(y)
+
+
+def evaluate_all(models, train, test) -> dict[str, dict[str, float]]:
+    """name -> {train_loss, train_acc, valid_loss, valid_acc}."""
+    metrics = {}
+    for name, model in models.items():
+        train_loss, train_acc = evaluate(model, *train)
+        valid_loss, valid_acc = evaluate(model, *test)
+        metrics[name] = {"train_loss": train_loss, "train_acc": train_acc, "valid_loss": valid_loss,
+                         "valid_acc": valid_acc}  # fmt: skip
+    return metrics
+
+
+def train_epoch(models, optimizers, train, batch_size, generator, epoch) -> dict[str, dict[str, float]]:
+    """One epoch, every batch fed to each model in turn: name -> {train_time_s, steps_per_s, running_loss}."""
+    x, y = train
+    batches = shuffled_batches(len(y), batch_size, generator, x.device)
+    seconds = dict.fromkeys(models, 0.0)
+    loss_sums = {name: torch.zeros((), device=x.device) for name in models}
+    for index in tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):  # None: off if no tty
+        xb, yb = x[index], y[index]
+        for name, model in models.items():
+            synchronize(x.device)
+            start = time.perf_counter()
+            loss = train_step(model, optimizers[name], xb, yb)
+            synchronize(x.device)
+            seconds[name] += time.perf_counter() - start
+            loss_sums[name] += loss  # stays on the device: no sync outside the timed region
+    return {name: {"train_time_s": seconds[name], "steps_per_s": len(batches) / seconds[name],
+                   "running_loss": loss_sums[name].item() / len(batches)} for name in models}  # fmt: skip
+
+
+def print_epoch(epoch: int, metrics: dict[str, dict[str, float]]) -> None:
+    """One line per split: `[Epoch 3-VALID] no-BN loss 0.15321 acc 0.9581 | torch-BN ... | bnfast ...`."""
+    for split in ("train", "valid"):
+        cells = [f"{name} loss {m[f'{split}_loss']:.5f} acc {m[f'{split}_acc']:.4f}" for name, m in metrics.items()]
+        print(f"[Epoch {epoch}-{split.upper()}] " + " | ".join(cells), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+
+def plot_history(history: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    """One PNG per metric, one line per model, over the trained epochs; returns the paths written.
+
+    Epoch 0 (chance level, loss ~2.3) is left out: it would squash the differences that matter into a corner.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for file_name, (key, title, ylabel) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rows in history.items():
+            ax.plot([r["epoch"] for r in rows[1:]], [r[key] for r in rows[1:]], label=name, **LINE_STYLES[name])
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / f"{file_name}.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def summarize(history: dict[str, list[dict]], backends: dict[str, str]) -> list[dict]:
+    """Per model: final and best test accuracy, mean epoch time, time relative to torch-BN."""
+    rows = []
+    for name, epochs in history.items():
+        trained = epochs[1:]  # epoch 0 is the evaluation before training
+        rows.append({
+            "model": name, "backend": backends[name], "final_valid_acc": trained[-1]["valid_acc"],
+            "best_valid_acc": max(e["valid_acc"] for e in trained),
+            "mean_epoch_s": sum(e["train_time_s"] for e in trained) / len(trained),
+        })  # fmt: skip
+    reference = next((r["mean_epoch_s"] for r in rows if r["model"] == "torch-BN"), None)
+    for row in rows:
+        row["time_vs_torch_bn"] = row["mean_epoch_s"] / reference if reference else None
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """The summary as a Markdown table: aligned in a terminal, ready to paste into a README."""
+    cells = [TABLE_COLUMNS] + [
+        (r["model"], r["backend"], f"{r['final_valid_acc']:.4f}", f"{r['best_valid_acc']:.4f}",
+         f"{r['mean_epoch_s']:.2f}", "-" if r["time_vs_torch_bn"] is None else f"{r['time_vs_torch_bn']:.2f}x")
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(lines))
+
+
+def versions() -> dict[str, str | None]:
+    import torchvision
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # no Triton wheel on this platform: bnfast uses the torch fallback
+        triton_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "triton": triton_version, "bnfast": bnfast.__version__}  # fmt: skip
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    run_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")  # fmt: skip
+
+    (train_x, train_y), (test_x, test_y) = load_mnist(args.data_dir, args.download, device)
+    train = (train_x[: args.limit_train], train_y[: args.limit_train])
+    test = (test_x[: args.limit_test], test_y[: args.limit_test])
+    if len(train[1]) < args.batch_size:
+        raise SystemExit(f"--limit-train {len(train[1])} is smaller than one batch ({args.batch_size})")
+
+    models = build_models(args, device)
+    optimizers = {name: torch.optim.Adam(model.parameters(), lr=args.lr) for name, model in models.items()}
+    backends = {name: bnfast_backend(device) if name == "bnfast" else "torch" for name in models}
+    print(f"device {device_name(device)} | train {len(train[1])} test {len(test[1])} | backends "
+          + ", ".join(f"{name}: {backend}" for name, backend in backends.items()), flush=True)  # fmt: skip
+
+    for model in models.values():
+        warm_up(model, args.lr, train[0][: args.batch_size], train[1][: args.batch_size])
+    generator = torch.Generator().manual_seed(args.seed)
+    initial = evaluate_all(models, train, test)
+    print_epoch(0, initial)
+    history = {name: [{"epoch": 0, **initial[name], "train_time_s": None, "steps_per_s": None,
+                       "running_loss": None}] for name in models}  # fmt: skip
+    for epoch in range(1, args.epochs + 1):
+        timings = train_epoch(models, optimizers, train, args.batch_size, generator, epoch)
+        metrics = evaluate_all(models, train, test)
+        print_epoch(epoch, metrics)
+        for name in models:
+            history[name].append({"epoch": epoch, **metrics[name], **timings[name]})
+
+    summary = summarize(history, backends)
+    print()
+    print_table(summary)
+    match = None
+    if "torch-BN" in models and "bnfast" in models:
+        match = compare_bn_models(models["torch-BN"], models["bnfast"], test[0][:EVAL_BATCH_SIZE])
+        print(
+            "torch-BN vs bnfast after training, max |difference|: "
+            f"weights and running stats {match['max_abs_diff']:.2g} (at {match['worst_tensor']}); "
+            f"logits in training mode {match['train_mode_logits_max_abs_diff']:.2g}, "
+            f"in eval mode {match['eval_mode_logits_max_abs_diff']:.2g}; "
+            f"the redundant pre-BN Linear biases and their running means {match['redundant_max_abs_diff']:.2g} "
+            "(rounding noise in a zero gradient, scaled up by Adam: see compare_bn_models)"
+        )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    plots = [] if args.no_plots else plot_history(history, args.out)
+    results = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "versions": versions(),
+        "device": device_name(device),
+        "bnfast_backend": bnfast_backend(device),
+        "triton_interpret_env": os.environ.get("TRITON_INTERPRET"),
+        "num_train": len(train[1]),
+        "num_test": len(test[1]),
+        "models": history,
+        "summary": summary,
+        "torch_bn_vs_bnfast": match,
+        "plots": [p.name for p in plots],
+        "total_wall_s": time.perf_counter() - run_start,
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out / 'results.json'}" + (f" and {len(plots)} plots" if plots else ""))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -9,6 +9,7 @@ if not (Path(__file__).parent / "kernels").is_dir():
 from .activations import SUPPORTED_ACTIVATIONS, resolve_activation  # noqa: E402
 from .batch_norm import BatchNormFn, FusedBatchNorm1d  # noqa: E402
 from .convert import convert  # noqa: E402
+from .fold import fold  # noqa: E402
 from .functional import batch_norm, uses_triton  # noqa: E402
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "FusedBatchNorm1d",
     "batch_norm",
     "convert",
+    "fold",
     "resolve_activation",
     "uses_triton",
 ]

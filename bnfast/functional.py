@@ -7,13 +7,19 @@ Dispatch:
   `torch.nn.functional.batch_norm` followed by the torch activation (same semantics, no Triton).
 - Empty inputs take torch's own path everywhere: torch defines their outputs and gradients, and there is
   nothing for a kernel to do.
-- Under torch.compile the Triton path goes through the `bnfast::` custom ops (`bnfast.ops`), which torch
-  traces without graph breaks.
+- The Triton path has two routes to the same launchers (`bnfast.kernels.bn_fwd`/`bn_bwd`):
+  eager calls go through `BatchNormFn` (autograd.Function; the forward kernel updates the running stats in
+  place, no extra launch, least host overhead). Under torch.compile / torch.export, or on fake tensors, they
+  go through the `bnfast::` torch.library ops (`bnfast.ops`), which torch traces without graph breaks; the
+  training op is functional (its kernel writes the new running stats into fresh tensors), and this function
+  then copies them into running_mean/running_var in place, so both routes update the same buffer objects.
 """
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
+from . import ops  # registers the bnfast:: ops on import, so torch.export.load finds them after `import bnfast`
 from .activations import Activation, resolve_activation
 from .kernels import is_interpreted
 
@@ -23,6 +29,14 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 def uses_triton(x: torch.Tensor) -> bool:
     """True when `x` is computed by the Triton kernels, False when by the torch fallback."""
     return x.is_cuda or (x.device.type == "cpu" and is_interpreted())
+
+
+def _is_traced(x: torch.Tensor) -> bool:
+    """True under torch.compile / torch.export, or for fake tensors (FakeTensorMode, make_fx): then the kernels
+    must be reached through the `bnfast::` ops, which torch can trace; eager calls keep `BatchNormFn`."""
+    if torch.compiler.is_compiling():
+        return True
+    return type(x) is not torch.Tensor and is_fake(x)  # the type test keeps plain eager tensors cheap
 
 
 def _check_inputs(x, running_mean, running_var, weight, bias, training):
@@ -80,11 +94,14 @@ def batch_norm(
     if input.numel() == 0 or not uses_triton(input):
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, factor, cumulative,
                                  num_batches_tracked, eps, act)  # fmt: skip
-    if torch.compiler.is_compiling():
-        from .ops import batch_norm_op
-
-        return batch_norm_op(input, running_mean, running_var, num_batches_tracked, weight, bias, training, factor,
-                             cumulative, eps, act)  # fmt: skip
+    if _is_traced(input):
+        y, new_mean, new_var = ops.batch_norm(input, running_mean, running_var, num_batches_tracked, weight, bias,
+                                              training, factor, cumulative, eps, act)  # fmt: skip
+        if new_mean is not None:
+            with torch.no_grad():  # in place: modules, DDP and optimizers hold these very tensors
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+        return y
     from .batch_norm import BatchNormFn
 
     return BatchNormFn.apply(input, weight, bias, running_mean, running_var, num_batches_tracked, training, factor,
@@ -95,5 +112,19 @@ def _torch_batch_norm(x, running_mean, running_var, weight, bias, training, fact
                       act: Activation):  # fmt: skip
     """The fallback: torch's batch_norm, then the activation as a separate torch op."""
     if cumulative and running_mean is not None:
+        if _is_traced(x):  # float(nbt) would be a data-dependent graph break under torch.compile
+            return act.apply(_torch_cumulative_batch_norm(x, running_mean, running_var, weight, bias, nbt, eps))
         factor = 1.0 / float(nbt)
     return act.apply(F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps))
+
+
+def _torch_cumulative_batch_norm(x, running_mean, running_var, weight, bias, nbt, eps):
+    """Training batch_norm with factor 1/num_batches_tracked kept on device: momentum 1 makes torch write the
+    batch mean and unbiased variance into fresh buffers, then the running stats move towards them in place."""
+    batch_mean, batch_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+    y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+    with torch.no_grad():
+        factor = nbt.reciprocal().to(running_mean.dtype)
+        running_mean.lerp_(batch_mean, factor)
+        running_var.lerp_(batch_var, factor)
+    return y

@@ -225,7 +225,8 @@ def bn_bwd(
         part_db, part_dw, dx3, x3, dy3, w, b, mean, stat, N, C, S, *strides, eps, act_param,
         TRAINING=training, STAT_IS_VAR=not training, COMPUTE_DX=needs_dx, **common, **blocks,
     )  # fmt: skip
-    db_acc, dw_acc = torch.empty((2, C), dtype=acc_torch, device=x.device)
+    # two allocations, not rows of one: they are returned as dbias/dweight, which must not share storage
+    db_acc, dw_acc = (torch.empty(C, dtype=acc_torch, device=x.device) for _ in range(2))
     if training or needs_dw or needs_db:
         _bn_bwd_reduce_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
             db_acc, dw_acc, part_db, part_dw, C, cfg.num_splits,

@@ -13,12 +13,14 @@ relu'(0) = 0, leaky_relu'(0) = slope, elu'(0) = alpha (torch tests `z > 0` every
 import triton
 import triton.language as tl
 
-SELU_ALPHA: tl.constexpr = 1.6732632423543772848170429916717
-SELU_SCALE: tl.constexpr = 1.0507009873554804934193349852946
-SQRT_2_OVER_PI: tl.constexpr = 0.7978845608028654
-INV_SQRT_2: tl.constexpr = 0.7071067811865476
-INV_SQRT_2PI: tl.constexpr = 0.3989422804014327
-GELU_TANH_COEF: tl.constexpr = 0.044715
+# Globals a @triton.jit function reads must be tl.constexpr instances (the interpreter accepts plain floats, the
+# compiler does not: bench/kernel_report.py compiles every activation to catch exactly this).
+SELU_ALPHA = tl.constexpr(1.6732632423543772848170429916717)
+SELU_SCALE = tl.constexpr(1.0507009873554804934193349852946)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+GELU_TANH_COEF = tl.constexpr(0.044715)
 
 
 @triton.jit

@@ -60,30 +60,34 @@ def _sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
-def _launch_config(N: int, C: int, S: int, device: torch.device) -> LaunchConfig:
-    """Tile shape, split count and warps for x viewed as (N, C, S).
+def _launch_config(N: int, C: int, S: int, device: torch.device, acc_bytes: int = 4) -> LaunchConfig:
+    """Tile shape, split count and warps for x viewed as (N, C, S), statistics in an ACC of `acc_bytes`.
 
     The fast axis of a tile should span >= 16 contiguous values: c for (N, C) (BLOCK_C >= 16), s for (N, C, L)
     (BLOCK_S = next_pow2(S) up to MAX_BLOCK_S). The column fits when a program can hold all N*S values of
     its BLOCK_C channels in FUSED_MAX_ELEMENTS; otherwise the reduction is split so that
     channel blocks x splits ~ PROGRAMS_PER_SM * SMs, which fills the GPU even for C = 32.
+    float64 (8-byte ACC) tiles hold half the elements with the same warps, so registers per thread stay those of
+    float32: full-size float64 tiles need 255 registers and spill (bench/kernel_report.py shows it).
     """
+    widen = acc_bytes // 4  # 1 for float32 ACC, 2 for float64
+    fused_max_elements, tile_elements = FUSED_MAX_ELEMENTS // widen, TILE_ELEMENTS // widen
     pow2_n, pow2_c, pow2_s = (triton.next_power_of_2(v) for v in (N, C, S))
     min_block_c = min(pow2_c, 16 if S == 1 else 1)
     sms = _sm_count(device)
-    if pow2_n * pow2_s * min_block_c <= FUSED_MAX_ELEMENTS:
-        budget_c = FUSED_MAX_ELEMENTS // (pow2_n * pow2_s)
+    if pow2_n * pow2_s * min_block_c <= fused_max_elements:
+        budget_c = fused_max_elements // (pow2_n * pow2_s)
         spread_c = triton.next_power_of_2(triton.cdiv(C, sms))  # one channel block per SM when C is large
         block_c = max(min_block_c, min(budget_c, spread_c, pow2_c))
         tile = pow2_n * block_c * pow2_s
-        return LaunchConfig(True, pow2_n, block_c, pow2_s, 1, _num_warps(tile))
+        return LaunchConfig(True, pow2_n, block_c, pow2_s, 1, _num_warps(tile * widen))
     block_s = min(pow2_s, MAX_BLOCK_S)
-    block_c = min(pow2_c, 64) if S == 1 else min(pow2_c, max(1, TILE_ELEMENTS // (4 * block_s)))
-    block_n = max(1, min(pow2_n, TILE_ELEMENTS // (block_s * block_c)))
+    block_c = min(pow2_c, 64) if S == 1 else min(pow2_c, max(1, tile_elements // (4 * block_s)))
+    block_n = max(1, min(pow2_n, tile_elements // (block_s * block_c)))
     num_tiles = triton.cdiv(N, block_n) * triton.cdiv(S, block_s)
     c_blocks = triton.cdiv(C, block_c)
     num_splits = max(1, min(num_tiles, MAX_SPLITS, triton.cdiv(PROGRAMS_PER_SM * sms, c_blocks)))
-    return LaunchConfig(False, block_n, block_c, block_s, num_splits, _num_warps(block_n * block_c * block_s))
+    return LaunchConfig(False, block_n, block_c, block_s, num_splits, _num_warps(block_n * block_c * block_s * widen))
 
 
 def _num_warps(tile_elements: int) -> int:
@@ -131,7 +135,7 @@ def bn_fwd(
     has_w, has_b = weight is not None, bias is not None
     w = weight if has_w else x
     b = bias if has_b else x
-    cfg = _launch_config(N, C, S, x.device)
+    cfg = _launch_config(N, C, S, x.device, acc_torch.itemsize)
     common = dict(HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACTIVATION=activation, ACC=acc, num_warps=cfg.num_warps)
     blocks = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S)
     if not training:
@@ -203,7 +207,7 @@ def bn_bwd(
     b = bias if has_b else x
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if needs_dx else None
     dx3 = _as_ncs(dx) if needs_dx else x3  # dummy strides/pointer when dx is not computed
-    cfg = _launch_config(N, C, S, x.device)
+    cfg = _launch_config(N, C, S, x.device, acc_torch.itemsize)
     strides = (*x3.stride(), *dy3.stride(), *dx3.stride())
     common = dict(HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACTIVATION=activation, ACC=acc, num_warps=cfg.num_warps)
     blocks = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S)

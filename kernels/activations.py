@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 # Globals a @triton.jit function reads must be tl.constexpr instances (the interpreter accepts plain floats, the
-# compiler does not: bench/kernel_report.py compiles every activation to catch exactly this).
+# compiler does not: bench/kernel_report.py compiles every activation to catch exactly this). They multiply
+# tensors from the right: `constexpr * tensor` fails under the interpreter for float64 tensors.
 SELU_ALPHA = tl.constexpr(1.6732632423543772848170429916717)
 SELU_SCALE = tl.constexpr(1.0507009873554804934193349852946)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -64,13 +65,13 @@ def _act(z, ACTIVATION: tl.constexpr, PARAM):
     elif ACTIVATION == "elu":
         return tl.where(z > 0, z, PARAM * _expm1(tl.minimum(z, 0.0)))
     elif ACTIVATION == "selu":
-        return SELU_SCALE * tl.where(z > 0, z, SELU_ALPHA * _expm1(tl.minimum(z, 0.0)))
+        return tl.where(z > 0, z, _expm1(tl.minimum(z, 0.0)) * SELU_ALPHA) * SELU_SCALE
     elif ACTIVATION == "silu":
         return z * tl.sigmoid(z)
     elif ACTIVATION == "gelu":
         return 0.5 * z * (1.0 + tl.erf(z * INV_SQRT_2))
     elif ACTIVATION == "gelu_tanh":
-        return 0.5 * z * (1.0 + _tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEF * z * z * z)))
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * GELU_TANH_COEF) * SQRT_2_OVER_PI))
     elif ACTIVATION == "sigmoid":
         return tl.sigmoid(z)
     elif ACTIVATION == "tanh":
@@ -91,15 +92,15 @@ def _act_grad(z, ACTIVATION: tl.constexpr, PARAM):
     elif ACTIVATION == "elu":
         return tl.where(z > 0, 1.0, PARAM * tl.exp(tl.minimum(z, 0.0)))
     elif ACTIVATION == "selu":
-        return SELU_SCALE * tl.where(z > 0, 1.0, SELU_ALPHA * tl.exp(tl.minimum(z, 0.0)))
+        return tl.where(z > 0, 1.0, tl.exp(tl.minimum(z, 0.0)) * SELU_ALPHA) * SELU_SCALE
     elif ACTIVATION == "silu":
         s = tl.sigmoid(z)
         return s * (1.0 + z * (1.0 - s))
     elif ACTIVATION == "gelu":
         return 0.5 * (1.0 + tl.erf(z * INV_SQRT_2)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     elif ACTIVATION == "gelu_tanh":
-        t = _tanh(SQRT_2_OVER_PI * (z + GELU_TANH_COEF * z * z * z))
-        dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * z * z)
+        t = _tanh((z + z * z * z * GELU_TANH_COEF) * SQRT_2_OVER_PI)
+        dinner = (1.0 + z * z * (3.0 * GELU_TANH_COEF)) * SQRT_2_OVER_PI
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
     elif ACTIVATION == "sigmoid":
         s = tl.sigmoid(z)

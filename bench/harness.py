@@ -1,0 +1,291 @@
+"""Shared machinery of the benchmarks: the case matrix, the three providers, device timing, checks, ratios.
+
+Timing (CUDA), and why it is fed to pytest-benchmark this way. pytest-benchmark times each round with a host
+timer, but a GPU call returns before the GPU has run it. So each round is one call bracketed by CUDA events,
+and the fixture's timer is swapped for `cuda_event_clock`, a clock that advances only by the measured event
+interval: every round pytest-benchmark records is the device time of one call, and its JSON, its stats
+(min/median/IQR/outliers) and `pytest-benchmark compare` work on device times.
+- Before each call the GPU is kept busy by `torch.cuda._sleep` for longer than the host takes to enqueue the
+  call (measured per provider after warm-up), so the start event fires right before the call's first kernel:
+  the interval is device time, not host launch latency (which `host_us` in extra_info reports instead).
+- Inputs are rotated over `copies` copies, enough that the bytes the other copies move between two uses of the
+  same copy exceed twice the L2 size: large cases read from DRAM, as in training, not from L2 (copies are
+  capped at 64, so the smallest cases stay L2-resident: they are launch-bound anyway).
+- Warm-up first (JIT / torch.compile compilation, autotuning, allocator), then `rounds` rounds.
+The same figure as `triton.testing.do_bench(..., return_mode="median")` would give, with L2 handled by rotation
+rather than a 256 MB memset between calls (whose dirty lines would be written back during the timed call).
+
+Speedups are computed within the session: every provider's median is kept in `SESSION` per case, and each
+result's extra_info gets `speedup_vs_eager` / `speedup_vs_compile` (other time / this time) as soon as the
+other provider of the same case has run, so the ratios always come from one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from bench.traffic import MODES, min_bytes
+
+BENCH_SHAPES = [(32, 32), (256, 1024), (4096, 256), (16384, 1024), (65536, 512), (262144, 64), (64, 256, 1024),
+                (8192, 64, 128)]  # fmt: skip
+SMOKE_SHAPES = [(8, 4), (2, 4, 5)]  # --benchmark-disable: tiny (N, C) and (N, C, L), run once under the interpreter
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ACTIVATIONS = ("relu", "none")
+PROVIDERS = ("bnfast", "eager", "compile")
+MOMENTUM, EPS = 0.1, 1e-5
+# max |out - ref64| / max(1, max |ref64|): a wrong formula is off by O(1); bf16 output rounding is 2**-8 relative
+CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+ROUND_BUDGET_S = float(os.environ.get("BNFAST_BENCH_ROUND_BUDGET_S", "0.2"))  # device time per benchmark, roughly
+MIN_ROUNDS, MAX_ROUNDS, WARMUP_ROUNDS = 10, 200, 3
+MAX_COPIES, MAX_COPY_BYTES = 64, 4 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    mode: str  # one of traffic.MODES
+    activation: str  # "none" or a bnfast activation name
+    dtype: str  # key of DTYPES
+    shape: tuple
+
+    @property
+    def id(self) -> str:
+        return f"{self.mode}-{self.activation}-{self.dtype}-{shape_id(self.shape)}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def min_bytes(self) -> int:
+        size = torch.empty((), dtype=self.torch_dtype).element_size()
+        return min_bytes(self.mode, self.shape, size)
+
+
+def shape_id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def cases(smoke: bool) -> list[Case]:
+    """The matrix: every mode x activation x dtype x shape, the headline cases first (fwd+bwd, float32, relu), so
+    a run cut short still has them. The smoke run (--benchmark-disable) is the same matrix on SMOKE_SHAPES."""
+    modes = ("fwd+bwd", "fwd-train", "fwd-eval")
+    assert sorted(modes) == sorted(MODES)
+    shapes = SMOKE_SHAPES if smoke else BENCH_SHAPES
+    return [Case(m, a, d, s) for m in modes for d in DTYPES for a in ACTIVATIONS for s in shapes]
+
+
+# ---------------------------------------------------------------------------------------------------- providers
+def build_module(provider: str, case: Case, device: torch.device) -> nn.Module:
+    """BN(C) (+ activation) for `provider`, with random affine parameters and running stats (seeded, so every
+    provider starts from the same state), cast to the case's dtype like `model.to(dtype)`."""
+    import bnfast
+
+    C = case.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    bn = nn.BatchNorm1d(C, momentum=MOMENTUM, eps=EPS)
+    with torch.no_grad():
+        ranges = ((bn.weight, 0.5, 1.5), (bn.bias, -0.5, 0.5), (bn.running_mean, -1, 1), (bn.running_var, 0.5, 2))
+        for t, lo, hi in ranges:
+            t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+    act = bnfast.resolve_activation(None if case.activation == "none" else case.activation)
+    if provider == "bnfast":
+        module = bnfast.FusedBatchNorm1d(C, momentum=MOMENTUM, eps=EPS, activation=act or None)
+        module.load_state_dict(bn.state_dict())
+    elif provider in ("eager", "compile"):
+        module = nn.Sequential(bn, act.module())  # nn.Identity for no activation: no kernel
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    module = module.to(device=device, dtype=case.torch_dtype).train(case.mode != "fwd-eval")
+    if provider == "compile":
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no dynamic-shape reuse across cases
+        # default inductor on CUDA; on CPU (the smoke run) aot_eager: same tracing, no C++ compile
+        module = torch.compile(module, backend="inductor" if device.type == "cuda" else "aot_eager")
+    return module
+
+
+def make_step(module: nn.Module, case: Case):
+    """step(x, dy) -> tuple of outputs: (y,) for the forward modes (under no_grad: forward cost only);
+    (y, dx, dweight, dbias) for fwd+bwd (autograd.grad: nothing accumulates into .grad between calls)."""
+    if case.mode != "fwd+bwd":
+
+        def step(x, dy):
+            with torch.no_grad():
+                return (module(x),)
+
+        return step
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step(x, dy):
+        y = module(x)
+        return (y, *torch.autograd.grad(y, (x, *params), dy))
+
+    return step
+
+
+def make_inputs(case: Case, device: torch.device, copies: int):
+    gen = torch.Generator(device=device).manual_seed(1)
+    out = []
+    for _ in range(copies):
+        x = (torch.randn(case.shape, generator=gen, device=device) * 2 + 0.5).to(case.torch_dtype)
+        dy = torch.randn(case.shape, generator=gen, device=device).to(case.torch_dtype)
+        out.append((x.requires_grad_(case.mode == "fwd+bwd"), dy))
+    return out
+
+
+def reference(case: Case, state: dict, x: torch.Tensor, dy: torch.Tensor):
+    """The float64 reference outputs (bnfast.reference.batch_norm_ref) from the module's initial state."""
+    from bnfast.reference import batch_norm_ref
+
+    x64 = x.detach().double().requires_grad_(case.mode == "fwd+bwd")
+    w64, b64 = (state[k].double().requires_grad_(case.mode == "fwd+bwd") for k in ("weight", "bias"))
+    act = None if case.activation == "none" else case.activation
+    y, _, _ = batch_norm_ref(x64, state["running_mean"].double(), state["running_var"].double(), w64, b64,
+                             case.mode != "fwd-eval", MOMENTUM, EPS, act, upcast=True)  # fmt: skip
+    if case.mode != "fwd+bwd":
+        return (y.detach(),)
+    return (y.detach(), *torch.autograd.grad(y, (x64, w64, b64), dy.double()))
+
+
+def initial_state(module: nn.Module) -> dict:
+    sd = {k.split(".")[-1]: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: sd[k] for k in ("weight", "bias", "running_mean", "running_var")}
+
+
+def check(outputs, expected, dtype) -> float:
+    """Largest normalised error over the outputs; raises AssertionError past CHECK_TOL[dtype]."""
+    worst = 0.0
+    names = ("y", "dx", "dweight", "dbias")[: len(expected)]
+    for name, out, ref in zip(names, outputs, expected, strict=True):
+        err = (out.detach().double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+        assert err <= CHECK_TOL[dtype], f"{name}: normalised error {err:.3g} > {CHECK_TOL[dtype]:g} ({dtype})"
+        worst = max(worst, err)
+    return worst
+
+
+# --------------------------------------------------------------------------------------------------- CUDA timing
+@functools.cache
+def _sleep_cycles_per_us() -> float:
+    torch.cuda._sleep(1000)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(2_000_000)
+    end.record()
+    end.synchronize()
+    return 2_000_000 / (start.elapsed_time(end) * 1e3)
+
+
+def l2_bytes(device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+
+
+@functools.cache
+def copy_bandwidth(device_index: int = 0) -> float:
+    """The device's copy bandwidth in bytes/s: median of a 1 GiB device-to-device copy, counting read + write."""
+    device = torch.device("cuda", device_index)
+    free = torch.cuda.mem_get_info(device)[0]
+    nbytes = min(1 << 30, free // 8)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def rotation_copies(case: Case, device) -> int:
+    """Copies such that between two uses of one copy the others move more than 2x L2 (see module docstring)."""
+    per_call = case.min_bytes()
+    input_bytes = math.prod(case.shape) * torch.empty((), dtype=case.torch_dtype).element_size()
+    input_bytes *= 2 if case.mode == "fwd+bwd" else 1  # x, and dy
+    copies = math.ceil(2 * l2_bytes(device) / per_call) + 1
+    return max(1, min(copies, MAX_COPIES, MAX_COPY_BYTES // max(1, input_bytes)))
+
+
+class DeviceTimer:
+    """One call per round, bracketed by CUDA events, after a GPU-side sleep that covers the host's enqueue."""
+
+    def __init__(self, step, inputs):
+        self.step, self.inputs, self.i = step, inputs, 0
+        self.clock = 0.0
+        self.gate_cycles = 0
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def _next(self):
+        args = self.inputs[self.i % len(self.inputs)]
+        self.i += 1
+        return args
+
+    def host_enqueue_seconds(self, n=5) -> float:
+        """Median host time to enqueue one call (GPU kept busy, so enqueue never waits on it)."""
+        times = []
+        for _ in range(n):
+            torch.cuda._sleep(int(2000 * _sleep_cycles_per_us()))
+            t = time.perf_counter()
+            self.step(*self._next())
+            times.append(time.perf_counter() - t)
+            torch.cuda.synchronize()
+        return statistics.median(times)
+
+    def calibrate(self) -> tuple[float, float]:
+        """(host enqueue seconds, device seconds of one call); sets the sleep gate to 2x host + 20 us."""
+        host = self.host_enqueue_seconds()
+        self.gate_cycles = int((2 * host + 20e-6) * 1e6 * _sleep_cycles_per_us())
+        device = statistics.median(self.timed_call() for _ in range(3))
+        return host, device
+
+    def timed_call(self) -> float:
+        args = self._next()
+        torch.cuda._sleep(self.gate_cycles)
+        self.start.record()
+        self.step(*args)
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1e3
+
+    def round(self):
+        self.clock += self.timed_call()
+
+    def cuda_event_clock(self) -> float:
+        return self.clock
+
+
+def pedantic_device(benchmark, timer: DeviceTimer, rounds: int, warmup_rounds: int = WARMUP_ROUNDS):
+    """benchmark.pedantic over device-timed rounds (see the module docstring)."""
+    if not hasattr(benchmark, "_timer"):
+        raise RuntimeError("pytest-benchmark changed: BenchmarkFixture._timer is gone; update bench.harness")
+    benchmark._timer = timer.cuda_event_clock
+    benchmark.pedantic(timer.round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+
+
+def rounds_for(seconds_per_round: float) -> int:
+    return max(MIN_ROUNDS, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(seconds_per_round, 1e-6))))
+
+
+# ------------------------------------------------------------------------------------------------ session ratios
+SESSION: dict[str, dict[str, tuple[float, dict]]] = {}  # case id -> provider -> (median seconds, extra_info)
+
+
+def record(case_id: str, provider: str, seconds: float, extra_info: dict, baselines=("eager", "compile")):
+    """Keep this median and (re)compute every provider's speedups of this case from this session's medians."""
+    group = SESSION.setdefault(case_id, {})
+    group[provider] = (seconds, extra_info)
+    for t, info in group.values():
+        for other in baselines:
+            if other in group:
+                info[f"speedup_vs_{other}"] = round(group[other][0] / t, 4)

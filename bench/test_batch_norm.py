@@ -1,0 +1,48 @@
+"""BatchNorm1d (+ activation) microbenchmarks: bnfast vs torch eager vs torch.compile, side by side.
+
+One pytest-benchmark group per case (mode, activation, dtype, shape), holding the three providers. Modes:
+fwd-train and fwd-eval (forward under no_grad: the forward's own cost) and fwd+bwd (training forward, then
+autograd.grad of x, weight and bias). Timing: bench/harness.py. Bytes: bench/traffic.py.
+
+extra_info of every result: the case, min_bytes, GBps (min_bytes / median device time), copy_GBps (the
+session's measured device-to-device copy), frac_of_copy_bw, speedup_vs_eager and speedup_vs_compile (from this
+session's medians), host_us (host time to enqueue one call), copies (input rotation), max_err (normalised error
+of the first call against the float64 reference).
+"""
+
+from bench import harness
+
+
+def test_bn1d(benchmark, case, provider, device, copy_bandwidth):
+    benchmark.group = case.id
+    info = benchmark.extra_info
+    info.update(mode=case.mode, activation=case.activation, dtype=case.dtype, shape=list(case.shape),
+                provider=provider, min_bytes=case.min_bytes())  # fmt: skip
+    smoke = benchmark.disabled
+    copies = 1 if smoke else harness.rotation_copies(case, device)
+    inputs = harness.make_inputs(case, device, copies)
+    module = harness.build_module(provider, case, device)
+    step = harness.make_step(module, case)
+
+    # the first call (which also compiles) is checked against the float64 reference from the same state
+    expected = harness.reference(case, harness.initial_state(module), *inputs[0])
+    info["max_err"] = harness.check(step(*inputs[0]), expected, case.torch_dtype)
+    if smoke:
+        benchmark.pedantic(step, args=inputs[0])  # --benchmark-disable: runs the body once more, untimed
+        return
+
+    timer = harness.DeviceTimer(step, inputs)
+    for _ in range(3):  # warm-up: compile caches, allocator, autotuning
+        timer.timed_call()
+    host_s, device_s = timer.calibrate()
+    harness.pedantic_device(benchmark, timer, rounds=harness.rounds_for(device_s + 2 * host_s + 50e-6))
+    median = benchmark.stats.stats.median
+    info.update(
+        copies=copies,
+        host_us=round(host_s * 1e6, 2),
+        median_us=round(median * 1e6, 3),
+        GBps=round(case.min_bytes() / median / 1e9, 3),
+        copy_GBps=round(copy_bandwidth / 1e9, 1),
+        frac_of_copy_bw=round(case.min_bytes() / median / copy_bandwidth, 4),
+    )
+    harness.record(case.id, provider, median, info)

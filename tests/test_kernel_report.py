@@ -1,0 +1,93 @@
+"""The static kernel report in CI (bench/kernel_report.py): no GPU needed, Triton's compiler and ptxas are enough.
+
+One subprocess compiles the `ci` matrix for sm_80 and sm_90 (about 80 s on 2 cores) WITHOUT TRITON_INTERPRET
+(tests/conftest.py sets it in this process, and interpreted kernels cannot be compiled); the tests read its JSON:
+- every configuration compiles (an activation constant that Triton cannot see inside a kernel fails here);
+- no configuration spills registers;
+- `expect_vec128` configurations (float32, contiguous, fast-axis tile extent >= 4, C resp. L a multiple of 16:
+  the rule in bench/kernel_report.py's docstring) load, and store their tiles, 128 bits at a time.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench/ is not installed with the package; the tests import two of its helpers
+    sys.path.insert(0, str(REPO))
+# BNFAST_KERNEL_REPORT_ARCHS="90" halves the time (sm_80 gave the same verdicts on every ci configuration so far)
+ARCHS = os.environ.get("BNFAST_KERNEL_REPORT_ARCHS", "80 90").split()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernel_report") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "bench.kernel_report", "--matrix", "ci", "--arch", *ARCHS, "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def _describe(row, arch):
+    m = row[f"sm{arch}"]
+    blocks = "x".join(str(row[k]) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S") if row[k] is not None)
+    detail = m.get("error") or (
+        f"regs {m['regs']}, spill {m['spill_stores']}/{m['spill_loads']} B, ld {m['ld_widths']}, st {m['st_widths']}"
+    )
+    return (
+        f"sm{arch} {row['kernel']} {row['mode']} {row['dtype']} {row['activation']} shape "
+        f"{'x'.join(map(str, row['example_shape']))} BLOCK {blocks} warps {row['num_warps']}: {detail}"
+    )
+
+
+def test_every_configuration_compiles(report):
+    broken = [_describe(r, a) for r in report["rows"] for a in report["archs"] if "error" in r[f"sm{a}"]]
+    assert not broken, f"{len(broken)} configurations do not compile:\n" + "\n".join(broken)
+
+
+def test_no_spills(report):
+    spills = [
+        _describe(r, a)
+        for r in report["rows"]
+        for a in report["archs"]
+        if "error" not in r[f"sm{a}"] and (r[f"sm{a}"]["spill_stores"] or r[f"sm{a}"]["spill_loads"])
+    ]
+    assert not spills, f"{len(spills)} configurations spill registers:\n" + "\n".join(spills)
+
+
+def test_128_bit_accesses_on_aligned_contiguous_float32(report):
+    from bench.kernel_report import vec128_ok
+
+    rows = [r for r in report["rows"] if r["expect_vec128"]]
+    # the bench shapes alone give 2D fused, 2D split and 3D split float32 configurations in both modes
+    assert len(rows) >= 10, "the ci matrix lost its aligned float32 configurations"
+    narrow = [
+        _describe(r, a) for r in rows for a in report["archs"] if "error" not in r[f"sm{a}"] and not vec128_ok(r, a)
+    ]
+    assert not narrow, f"{len(narrow)} configurations miss 128-bit tile accesses:\n" + "\n".join(narrow)
+
+
+def test_report_covers_every_kernel(report):
+    from bench.kernel_report import _KERNEL_ORDER
+
+    assert {r["kernel"] for r in report["rows"]} == set(_KERNEL_ORDER)
+
+
+@pytest.mark.parametrize(
+    "ptx, expected",
+    [
+        ("@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];", {"ld": {128: 1}, "st": {}}),
+        ("ld.global.L1::evict_last.v2.b64 {%rd2, %rd3}, [%rd1];", {"ld": {128: 1}, "st": {}}),
+        ("@%p2 st.global.b16 [ %rd4 + 0 ], { %rs1 };\n ld.global.b32 {%r1}, [%rd1];", {"ld": {32: 1}, "st": {16: 1}}),
+    ],
+)
+def test_access_widths_parses_ptx(ptx, expected):
+    from bench.kernel_report import access_widths
+
+    assert access_widths(ptx) == expected

@@ -76,7 +76,12 @@ MATRICES = {
         (BENCH_SHAPES + TEST_SHAPES, [("float32", "relu"), ("bfloat16", "relu")]),
         (HEAVY_SHAPES, [("float64", "mish")]),
         ([(32, 32)], [("float32", act) for act in SUPPORTED_ACTIVATIONS]),
+        # the backward activations that once spilled a few bytes at full-size tiles (see launchers._register_widening)
+        (HEAVY_SHAPES + [(67, 5)], [("float32", "gelu"), ("float32", "gelu_tanh"), ("float32", "tanh"),
+                                    ("float32", "sigmoid"), ("bfloat16", "mish")]),
     ],
+    "heavy": [(HEAVY_SHAPES + [(67, 5)], [("float32", "gelu"), ("float32", "gelu_tanh"), ("float32", "tanh"),
+                                          ("float32", "sigmoid"), ("bfloat16", "mish"), ("float64", "mish")])],
     "default": [(BENCH_SHAPES + TEST_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS)],
     "full": [(BENCH_SHAPES + TEST_SHAPES + TYPICAL_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS)],
 }

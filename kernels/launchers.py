@@ -60,17 +60,16 @@ def _sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
-def _launch_config(N: int, C: int, S: int, device: torch.device, acc_bytes: int = 4) -> LaunchConfig:
-    """Tile shape, split count and warps for x viewed as (N, C, S), statistics in an ACC of `acc_bytes`.
+def _launch_config(N: int, C: int, S: int, device: torch.device, widen: int = 1) -> LaunchConfig:
+    """Tile shape, split count and warps for x viewed as (N, C, S); `widen` (1 or 2) is from `_register_widening`.
 
     The fast axis of a tile should span >= 16 contiguous values: c for (N, C) (BLOCK_C >= 16), s for (N, C, L)
     (BLOCK_S = next_pow2(S) up to MAX_BLOCK_S). The column fits when a program can hold all N*S values of
     its BLOCK_C channels in FUSED_MAX_ELEMENTS; otherwise the reduction is split so that
     channel blocks x splits ~ PROGRAMS_PER_SM * SMs, which fills the GPU even for C = 32.
-    float64 (8-byte ACC) tiles hold half the elements with the same warps, so registers per thread stay those of
-    float32: full-size float64 tiles need 255 registers and spill (bench/kernel_report.py shows it).
+    widen=2 tiles hold half the elements with the same warps: half the values per thread, for the kernels whose
+    registers per value are about double (see `_register_widening`).
     """
-    widen = acc_bytes // 4  # 1 for float32 ACC, 2 for float64
     fused_max_elements, tile_elements = FUSED_MAX_ELEMENTS // widen, TILE_ELEMENTS // widen
     pow2_n, pow2_c, pow2_s = (triton.next_power_of_2(v) for v in (N, C, S))
     min_block_c = min(pow2_c, 16 if S == 1 else 1)
@@ -88,6 +87,18 @@ def _launch_config(N: int, C: int, S: int, device: torch.device, acc_bytes: int 
     c_blocks = triton.cdiv(C, block_c)
     num_splits = max(1, min(num_tiles, MAX_SPLITS, triton.cdiv(PROGRAMS_PER_SM * sms, c_blocks)))
     return LaunchConfig(False, block_n, block_c, block_s, num_splits, _num_warps(block_n * block_c * block_s * widen))
+
+
+# Backward activations whose derivative keeps many temporaries live per value (exp/erf/tanh chains): at 16 values
+# per thread ptxas spills a few bytes in the split backward kernels (bench/kernel_report.py, default matrix).
+_HEAVY_BACKWARD_ACTIVATIONS = ("elu", "selu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "mish")
+
+
+def _register_widening(acc_torch: torch.dtype, activation: str = "", backward: bool = False) -> int:
+    """2 where a value needs about twice the registers (float64 ACC; a heavy activation's backward), else 1.
+    Full-size tiles there need 255 registers and spill; half-size ones compile to <= 206 with no spill."""
+    heavy = acc_torch == torch.float64 or (backward and activation in _HEAVY_BACKWARD_ACTIVATIONS)
+    return 2 if heavy else 1
 
 
 def _num_warps(tile_elements: int) -> int:
@@ -135,7 +146,7 @@ def bn_fwd(
     has_w, has_b = weight is not None, bias is not None
     w = weight if has_w else x
     b = bias if has_b else x
-    cfg = _launch_config(N, C, S, x.device, acc_torch.itemsize)
+    cfg = _launch_config(N, C, S, x.device, _register_widening(acc_torch))
     common = dict(HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACTIVATION=activation, ACC=acc, num_warps=cfg.num_warps)
     blocks = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S)
     if not training:
@@ -207,7 +218,7 @@ def bn_bwd(
     b = bias if has_b else x
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if needs_dx else None
     dx3 = _as_ncs(dx) if needs_dx else x3  # dummy strides/pointer when dx is not computed
-    cfg = _launch_config(N, C, S, x.device, acc_torch.itemsize)
+    cfg = _launch_config(N, C, S, x.device, _register_widening(acc_torch, activation, backward=True))
     strides = (*x3.stride(), *dy3.stride(), *dx3.stride())
     common = dict(HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACTIVATION=activation, ACC=acc, num_warps=cfg.num_warps)
     blocks = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S)

@@ -89,10 +89,17 @@ def test_non_contiguous_input(layout, kernel_path):
     "loc,scale", [(1e4, 1.0), (-3e4, 0.5), (1.0, 1e-3), (0.0, 1e3)], ids=["mean1e4", "mean-3e4", "tinyvar", "large"]
 )
 def test_ill_conditioned_inputs(loc, scale, kernel_path):
-    """Mean large against the spread: E[x^2] - E[x]^2 in float32 would return garbage (even negative variance)."""
+    """Mean large against the spread: E[x^2] - E[x]^2 in float32 would return garbage (even negative variance).
+
+    A float32 mean, even correctly rounded, is off by up to half an ulp of |mean|, and xhat = (x - mean) * rstd
+    inherits that divided by the spread: the floor below (times max weight 1.5). torch's CPU kernel keeps the
+    statistics in double and can land under it on some runs (its threading changes the path), so "2x torch"
+    alone would flake; torch's CUDA kernels keep a float32 mean, as bnfast does.
+    """
     torch_bn, ours = make_pair(4)
     x, dy = random_input((50, 4, 3), loc=loc, scale=scale)
-    compare_step(torch_bn, ours, x, dy)
+    mean_rounding = 2.0**-24 * abs(loc) / scale * 1.5
+    compare_step(torch_bn, ours, x, dy, floor=mean_rounding)
 
 
 def test_constant_channel_gives_finite_output(kernel_path):

@@ -27,10 +27,7 @@ import torch
 from torch import Tensor
 
 from .kernels import bn_bwd, bn_fwd
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32  # as kernels.launchers._acc_dtype
+from .kernels.launchers import _acc_dtype
 
 
 def _none(x: Tensor) -> Tensor:
@@ -74,7 +71,7 @@ def batch_norm_fwd(
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps, activation,
       act_param):  # fmt: skip
     C = x.shape[1]
-    acc = _acc_dtype(x.dtype)
+    acc, _ = _acc_dtype(x.dtype)  # (torch dtype, triton dtype): the launcher's own choice
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, like the launcher's
     mean = torch.empty(C, dtype=acc, device=x.device)
     rstd = torch.empty(C, dtype=acc, device=x.device)

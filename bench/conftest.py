@@ -45,12 +45,16 @@ def smoke_run(config) -> bool:
     return bool(config.getoption("benchmark_disable", False))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "host_overhead: a CPU benchmark (bnfast's host time), runs without CUDA")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA or smoke_run(config):
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
-        if str(item.path).startswith(BENCH_DIR):
+        if str(item.path).startswith(BENCH_DIR) and "host_overhead" not in item.keywords:
             item.add_marker(skip)
 
 

@@ -5,9 +5,12 @@
 Run it WITHOUT TRITON_INTERPRET (under the interpreter the kernels are not compilable JIT functions).
 
 Which configurations. The launchers enumerate them themselves: `bn_fwd` and `bn_bwd` run on meta tensors (no
-memory; data_ptr 0, so 16-byte aligned like any CUDA allocation) with the kernels swapped for recorders, over
-a MATRICES entry (shapes x dtype/activation variants) x {train, eval}, with the SM counts of an A100 (108) and
-an H100/H200 (132) (`_launch_config` reads them through `_sm_count`, patched here). Every recorded launch goes through
+memory; data_ptr 0, so 16-byte aligned like any CUDA allocation) with the kernels swapped for recorders (on
+`bnfast.kernels.batch_norm`, where the stages look them up), over a MATRICES entry (shapes x layouts x
+dtype/activation variants) x {train, eval}, with the SM counts of an A100 (108) and an H100/H200 (132)
+(`launch.config_for` reads them through `launch._sm_count`, patched here). Layouts: "contiguous", and for 3-D
+shapes "channels_last" (an (N, L, C) tensor transposed to (N, C, L): stride_c = 1, the C-fast tiles).
+Every recorded launch goes through
 Triton's own JIT binder (`create_function_from_signature` + `JITFunction._pack_args`: the code the runtime runs
 before each launch, the same in Triton 3.6 and 3.8), so the signature, the constexprs, the integers
 specialised to the constant 1 and the `tt.divisibility=16` hints (aligned pointers, integers divisible by 16)
@@ -22,10 +25,11 @@ What is reported per configuration and arch:
   data travels packed in b32 lanes: 128 bits = 8 values).
 
 `expect_vec128` marks the configurations that must load and store x-sized tiles 128 bits wide: float32, a
-kernel that streams an x tile (all but the two finalize kernels), a contiguous input whose fast axis (c for
-(N, C), s for (N, C, L)) has a tile extent of 4 or more, and whose extent along that axis (C, resp. L) is a
-multiple of 16 values. That last condition is what "alignment allows" means for Triton: it only knows that an
-integer is divisible by 16 (the `tt.divisibility` hint); with C = 10, say, neither the row starts nor the
+kernel that streams an x tile (all but the two finalize kernels), and for every tensor the kernel streams, a
+unit-stride axis with a tile extent of 4 or more whose extent (C or L) is a multiple of 16 values: c for
+(N, C); s for contiguous (N, C, L); for channels-last (N, C, L) both c (x) and s (y, dy, dx: allocated
+contiguous, as torch allocates them). The multiple of 16 is what "alignment allows" means for Triton: it only
+knows that an integer is divisible by 16 (the `tt.divisibility` hint); with C = 10, say, neither the row starts nor the
 bound of the mask are known to fall on 4-value boundaries, so it must load one value at a time.
 tests/test_kernel_report.py asserts `spill == 0` everywhere and 128-bit loads and stores where expected.
 """
@@ -54,6 +58,7 @@ SM_COUNTS = (108, 132)  # A100, H100/H200
 ARCHS = (80, 90)
 
 # the benchmark shapes (issue 4), the tests' shapes (tests/parity.py), and typical (N, C) / (N, C, L) uses
+LAYOUTS = ("contiguous", "channels_last")
 BENCH_SHAPES = [(32, 32), (256, 1024), (4096, 256), (16384, 1024), (65536, 512), (262144, 64), (64, 256, 1024),
                 (8192, 64, 128)]  # fmt: skip
 TEST_SHAPES = [(2, 3), (32, 32), (67, 5), (2, 3, 7), (1, 8, 300), (130, 40, 3)]
@@ -67,47 +72,65 @@ EXTRA_VARIANTS = [("float16", "relu"), ("float64", "relu"), ("bfloat16", "mish")
 ]
 # the largest tile per thread of each plan and layout (fused (N, C); split (N, C) and (N, C, L)): where registers peak
 HEAVY_SHAPES = [(256, 1024), (4096, 256), (64, 256, 1024), (8192, 64, 128)]
-# matrix -> [(shapes, variants)]; a configuration is compiled once however many blocks reach it.
+# 3-D shapes also run in the channels-last layout (stride_c = 1): aligned (C, L multiples of 16) and odd ones
+CHANNELS_LAST_SHAPES = [(64, 256, 1024), (8192, 64, 128), (2, 3, 7), (130, 40, 3), (4, 64, 48)]
+# matrix -> [(shapes, variants[, layouts])] (layouts default to contiguous only); a configuration is compiled once
+# however many blocks reach it.
 # ci (tests/test_kernel_report.py, 2 cores): the benchmarked dtypes on every bench and test shape (vectorisation,
-# spills), the heaviest variant (float64 mish: 64-bit values, the longest activation) where registers peak, and
-# every activation once (each must compile).
+# spills), channels-last (N, C, L) in float32, the heaviest variant (float64 mish: 64-bit values, the longest
+# activation) where registers peak, and every activation once (each must compile).
 MATRICES = {
     "ci": [
         (BENCH_SHAPES + TEST_SHAPES, [("float32", "relu"), ("bfloat16", "relu")]),
+        (CHANNELS_LAST_SHAPES, [("float32", "relu")], ("channels_last",)),
         (HEAVY_SHAPES, [("float64", "mish")]),
         ([(32, 32)], [("float32", act) for act in SUPPORTED_ACTIVATIONS]),
-        # the backward activations that once spilled a few bytes at full-size tiles (see launchers._register_widening)
-        (HEAVY_SHAPES + [(67, 5)], [("float32", "gelu"), ("float32", "gelu_tanh"), ("float32", "tanh"),
-                                    ("float32", "sigmoid"), ("bfloat16", "mish")]),
+        # the backward activations that once spilled a few bytes at full-size tiles (see launch.register_widening)
+        (
+            HEAVY_SHAPES + [(67, 5)],
+            [
+                ("float32", "gelu"),
+                ("float32", "gelu_tanh"),
+                ("float32", "tanh"),
+                ("float32", "sigmoid"),
+                ("bfloat16", "mish"),
+            ],
+        ),
     ],
-    "heavy": [(HEAVY_SHAPES + [(67, 5)], [("float32", "gelu"), ("float32", "gelu_tanh"), ("float32", "tanh"),
-                                          ("float32", "sigmoid"), ("bfloat16", "mish"), ("float64", "mish")])],
-    "default": [(BENCH_SHAPES + TEST_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS)],
-    "full": [(BENCH_SHAPES + TEST_SHAPES + TYPICAL_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS)],
+    "heavy": [
+        (
+            HEAVY_SHAPES + [(67, 5)],
+            [
+                ("float32", "gelu"),
+                ("float32", "gelu_tanh"),
+                ("float32", "tanh"),
+                ("float32", "sigmoid"),
+                ("bfloat16", "mish"),
+                ("float64", "mish"),
+            ],
+        )
+    ],
+    "default": [
+        (BENCH_SHAPES + TEST_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS),
+        (CHANNELS_LAST_SHAPES, CORE_VARIANTS, ("channels_last",)),
+    ],
+    "full": [
+        (BENCH_SHAPES + TEST_SHAPES + TYPICAL_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS, LAYOUTS),
+    ],
 }
-FINALIZE_KERNELS = ("_bn_fwd_stats_finalize_kernel", "_bn_bwd_reduce_finalize_kernel")  # no x tile
-TILE_STORE_KERNELS = ("_bn_fwd_fused_kernel", "_bn_fwd_normalize_kernel", "_bn_bwd_fused_kernel", "_bn_bwd_dx_kernel")
+FINALIZE_KERNELS = ("_bn_stats_finalize_kernel", "_bn_grad_finalize_kernel")  # no x tile
+TILE_STORE_KERNELS = ("_bn_fwd_single_kernel", "_bn_normalize_kernel", "_bn_bwd_single_kernel", "_bn_grad_input_kernel")
 
 
 def _require_jit():
-    from bnfast.kernels import launchers
+    from bnfast.kernels import launch
 
-    if launchers.is_interpreted():
+    if launch.is_interpreted():
         sys.exit("kernel_report: TRITON_INTERPRET=1 is set; run without it (the kernels must be compilable)")
-    return launchers
+    return launch
 
 
 # ---------------------------------------------------------------------------------------------------- enumerate
-class _Recorder:
-    """Stands in for a JITFunction in the launchers: `kernel[grid](*args, **kwargs)` records instead of running."""
-
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append((self.name, args, kwargs))
-
-
 def _describe(a):
     """A recorded argument in picklable form: tensors become ("tensor", dtype name), tl dtypes their name."""
     if isinstance(a, torch.Tensor):
@@ -117,38 +140,44 @@ def _describe(a):
     return a
 
 
-def record_launches(shapes, variants, sm_counts=SM_COUNTS):
+def _meta_input(shape, layout, dtype):
+    if layout == "channels_last":  # (N, L, C) transposed: stride_c = 1
+        return torch.empty((shape[0], shape[2], shape[1]), device="meta", dtype=dtype).transpose(1, 2)
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+def record_launches(shapes, variants, layouts=("contiguous",), sm_counts=SM_COUNTS):
     """[(kernel name, args, kwargs, context)] of every launch bn_fwd/bn_bwd make on these cases (meta tensors)."""
-    launchers = _require_jit()
-    kernel_names = [n for n, v in vars(launchers).items() if isinstance(v, triton.runtime.jit.JITFunction)]
-    saved = {n: getattr(launchers, n) for n in kernel_names + ["_sm_count"]}
+    from bnfast.testing import record_launches as recording
+
+    launch = _require_jit()
+    saved_sm_count = launch._sm_count
     out = []
     try:
-        for sms, shape, (dtype_name, act) in itertools.product(sm_counts, shapes, variants):
-            launchers._sm_count = lambda device, sms=sms: sms
+        for sms, shape, layout, (dtype_name, act) in itertools.product(sm_counts, shapes, layouts, variants):
+            if layout == "channels_last" and len(shape) != 3:
+                continue
+            launch._sm_count = lambda device, sms=sms: sms
             dtype = getattr(torch, dtype_name)
             C = shape[1]
-            meta = dict(device="meta", dtype=dtype)
-            x = torch.empty(shape, **meta)
-            w, b, rm, rv = (torch.empty(C, **meta) for _ in range(4))
+            x = _meta_input(shape, layout, dtype)
+            w, b, rm, rv = (torch.empty(C, device="meta", dtype=dtype) for _ in range(4))
             for training in (True, False):
-                log = []
-                for n in kernel_names:
-                    setattr(launchers, n, _Recorder(n, log))
-                y, mean, stat = launchers.bn_fwd(
-                    x, w, b, rm, rv, None, training=training, momentum=0.1, cumulative=False, eps=1e-5,
-                    activation=act, act_param=0.0,
-                )  # fmt: skip
-                launchers.bn_bwd(torch.empty_like(y), x, w, b, mean, stat, training=training, eps=1e-5,
-                                 activation=act, act_param=0.0)  # fmt: skip
-                for name, args, kwargs in log:
-                    ctx = dict(shape=shape, dtype=dtype_name, activation=act or "none",
+                with recording() as log:
+                    y, mean, rstd = launch.bn_fwd(
+                        x, w, b, rm, rv, None, training=training, momentum=0.1, cumulative=False, eps=1e-5,
+                        activation=act, act_param=0.0,
+                    )  # fmt: skip
+                    saved = (mean, rstd) if training else (rm, rv)
+                    launch.bn_bwd(torch.empty_like(y), x, w, b, *saved, training=training, eps=1e-5, activation=act,
+                                  act_param=0.0)  # fmt: skip
+                for name, _grid, args, kwargs in log:
+                    ctx = dict(shape=shape, layout=layout, dtype=dtype_name, activation=act or "none",
                                mode="train" if training else "eval", sms=sms)  # fmt: skip
                     out.append((name, tuple(_describe(a) for a in args),
                                 {k: _describe(v) for k, v in kwargs.items()}, ctx))  # fmt: skip
     finally:
-        for n, v in saved.items():
-            setattr(launchers, n, v)
+        launch._sm_count = saved_sm_count
     return out
 
 
@@ -194,7 +223,9 @@ def _bind(kernel, args, kwargs, target):
 def _kernel(name):
     from bnfast.kernels import batch_norm
 
-    return getattr(batch_norm, name)
+    kernel = getattr(batch_norm, name)
+    assert isinstance(kernel, triton.runtime.jit.JITFunction), f"{name} is not a JIT function (still recording?)"
+    return kernel
 
 
 def config_key(name, args, kwargs):
@@ -268,27 +299,30 @@ def compile_one(job):
 
 
 # ------------------------------------------------------------------------------------------------------- report
-def expects_vec128(name, shape, dtype, kwargs) -> bool:
+def expects_vec128(name, shape, dtype, kwargs, layout="contiguous") -> bool:
     """The rule stated in the module docstring."""
     if dtype != "float32" or name in FINALIZE_KERNELS:
         return False
+    c_ok = kwargs["BLOCK_C"] >= 4 and shape[1] % 16 == 0
     if len(shape) == 2:
-        return kwargs["BLOCK_C"] >= 4 and shape[1] % 16 == 0
-    return kwargs["BLOCK_S"] >= 4 and shape[2] % 16 == 0
+        return c_ok
+    s_ok = kwargs["BLOCK_S"] >= 4 and shape[2] % 16 == 0
+    return s_ok and (c_ok or layout != "channels_last")
 
 
 def build_configs(matrix: str):
     """Distinct configurations: [{kernel, key, args, kwargs, context of the first launch that needed it}]."""
     configs = {}
-    launches = [launch for shapes, variants in MATRICES[matrix] for launch in record_launches(shapes, variants)]
+    launches = [launch for block in MATRICES[matrix] for launch in record_launches(*block)]
     for name, args, kwargs, ctx in launches:
         key = config_key(name, args, kwargs)
         if key not in configs:
             configs[key] = dict(kernel=name, args=args, kwargs=kwargs, **ctx)
         # a config reached from an aligned shape is reported with that shape (the strongest expectation)
-        elif not configs[key].get("_vec") and expects_vec128(name, ctx["shape"], ctx["dtype"], kwargs):
+        elif not configs[key].get("_vec") and expects_vec128(name, ctx["shape"], ctx["dtype"], kwargs, ctx["layout"]):
             configs[key].update(args=args, kwargs=kwargs, **ctx)
-        configs[key]["_vec"] = expects_vec128(name, configs[key]["shape"], configs[key]["dtype"], kwargs)
+        c = configs[key]
+        c["_vec"] = expects_vec128(name, c["shape"], c["dtype"], kwargs, c["layout"])
     return list(configs.values())
 
 
@@ -313,6 +347,7 @@ def run(matrix="ci", archs=ARCHS, jobs=None):
             "dtype": c["dtype"],
             "activation": c["activation"],
             "example_shape": list(c["shape"]),
+            "layout": c["layout"],
             "sms": c["sms"],
             "BLOCK_N": kw.get("BLOCK_N"),
             "BLOCK_C": kw.get("BLOCK_C"),
@@ -342,8 +377,8 @@ def run(matrix="ci", archs=ARCHS, jobs=None):
 
 
 _KERNEL_ORDER = [
-    "_bn_fwd_fused_kernel", "_bn_fwd_stats_partial_kernel", "_bn_fwd_stats_finalize_kernel", "_bn_fwd_normalize_kernel",
-    "_bn_bwd_fused_kernel", "_bn_bwd_reduce_partial_kernel", "_bn_bwd_reduce_finalize_kernel", "_bn_bwd_dx_kernel",
+    "_bn_fwd_single_kernel", "_bn_stats_partial_kernel", "_bn_stats_finalize_kernel", "_bn_normalize_kernel",
+    "_bn_bwd_single_kernel", "_bn_grad_partial_kernel", "_bn_grad_finalize_kernel", "_bn_grad_input_kernel",
 ]  # fmt: skip
 
 

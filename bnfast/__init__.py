@@ -1,25 +1,26 @@
-"""bnfast: fused Triton kernels for BatchNorm (+ activation), drop-in for torch.nn.BatchNorm1d."""
+"""bnfast: fused Triton kernels for BatchNorm (+ activation), drop-in for torch.nn.BatchNorm1d.
 
-from pathlib import Path
+A call reads top-down: `FusedBatchNorm1d.forward` (modules) -> `functional.batch_norm_impl` (checks, routing)
+-> `ops` (autograd: one setup and backward for the eager Function and the torch.library op) ->
+`kernels.launch` (stages) -> `kernels.batch_norm` (Triton). Nothing imports upward. `kernels/` is installed as
+`bnfast.kernels` (setup.py); a source checkout is used through `pip install -e .`.
+"""
 
-if not (Path(__file__).parent / "kernels").is_dir():
-    # Source checkout used via PYTHONPATH: kernels/ sits beside bnfast/ (setup.py installs it as bnfast.kernels).
-    __path__.append(str(Path(__file__).resolve().parent.parent))
-
-from .activations import SUPPORTED_ACTIVATIONS, resolve_activation  # noqa: E402
-from .batch_norm import BatchNormFn, FusedBatchNorm1d  # noqa: E402
-from .convert import convert  # noqa: E402
-from .fold import fold  # noqa: E402
-from .functional import batch_norm, uses_triton  # noqa: E402
+from . import testing
+from .activations import SUPPORTED_ACTIVATIONS, resolve_activation
+from .convert import convert
+from .fold import fold
+from .functional import batch_norm, uses_triton
+from .modules import FusedBatchNorm1d
 
 __version__ = "0.1.0"
 __all__ = [
     "SUPPORTED_ACTIVATIONS",
-    "BatchNormFn",
     "FusedBatchNorm1d",
     "batch_norm",
     "convert",
     "fold",
     "resolve_activation",
+    "testing",
     "uses_triton",
 ]

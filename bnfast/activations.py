@@ -1,31 +1,23 @@
-"""The activations bnfast fuses into BatchNorm: names, the torch modules they stand for, and their parameter.
+"""The activations bnfast fuses into BatchNorm, on the torch side: specs, the torch modules they stand for.
 
-An activation spec is a name ("relu"), a matching torch module instance (`nn.LeakyReLU(0.2)`), or None.
-`resolve_activation` turns a spec into `Activation(name, param)`: the kernel's ACTIVATION constexpr and its one
+The names, default parameters and flags come from the one table, `bnfast.kernels.activations.ACTIVATIONS`.
+An activation spec is a name ("relu"), a matching torch module instance (`nn.LeakyReLU(0.2)`), or None;
+`resolve_activation` turns it into `Activation(name, param)`: the kernel's ACTIVATION constexpr and its one
 float parameter (negative_slope or alpha; 0 for the others).
+
+Imports: torch, bnfast.kernels.activations (the table; no Triton code runs here).
 """
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name -> (torch module type, default parameter)
-_SUPPORTED = {
-    "relu": (nn.ReLU, 0.0),
-    "leaky_relu": (nn.LeakyReLU, 0.01),
-    "elu": (nn.ELU, 1.0),
-    "selu": (nn.SELU, 0.0),
-    "silu": (nn.SiLU, 0.0),
-    "gelu": (nn.GELU, 0.0),
-    "gelu_tanh": (nn.GELU, 0.0),
-    "sigmoid": (nn.Sigmoid, 0.0),
-    "tanh": (nn.Tanh, 0.0),
-    "mish": (nn.Mish, 0.0),
-}
-_ALIASES = {"swish": "silu"}
-SUPPORTED_ACTIVATIONS = tuple(_SUPPORTED)
+from .kernels.activations import ACTIVATIONS, ALIASES
+
+SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +29,7 @@ class Activation:
         return bool(self.name)
 
     def __repr__(self) -> str:
-        if self.name in ("leaky_relu", "elu"):
+        if self.name and ACTIVATIONS[self.name].has_param:
             return f"{self.name}({self.param:g})"
         return repr(self.name or None)
 
@@ -45,16 +37,15 @@ class Activation:
         """The equivalent torch module (nn.Identity for none)."""
         if not self.name:
             return nn.Identity()
-        if self.name == "leaky_relu":
-            return nn.LeakyReLU(self.param)
-        if self.name == "elu":
-            return nn.ELU(self.param)
+        module_type = getattr(nn, ACTIVATIONS[self.name].torch_module)
+        if ACTIVATIONS[self.name].has_param:
+            return module_type(self.param)
         if self.name == "gelu_tanh":
-            return nn.GELU(approximate="tanh")
-        return _SUPPORTED[self.name][0]()
+            return module_type(approximate="tanh")
+        return module_type()
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
-        """The activation with torch ops: the CPU fallback and the tests' reference."""
+        """The activation with torch ops: the CPU fallback, the slow differentiable backward, the tests' reference."""
         if not self.name:
             return z
         if self.name == "leaky_relu":
@@ -63,26 +54,39 @@ class Activation:
             return F.elu(z, self.param)
         return self.module()(z)
 
+    def derivative(self, z: torch.Tensor) -> torch.Tensor:
+        """act'(z) in differentiable torch ops (forward-mode AD of `apply`; it composes with vmap and with
+        double backward): the slow backward path."""
+        if not self.name:
+            return torch.ones_like(z)
+        return torch.func.jvp(self.apply, (z,), (torch.ones_like(z),))[1]
+
 
 def _unsupported(spec) -> ValueError:
     names = ", ".join(SUPPORTED_ACTIVATIONS)
+    aliases = ", ".join(ALIASES)
     return ValueError(
-        f"unsupported activation {spec!r}: bnfast fuses {names} (aliases: swish), given as a name or as the "
+        f"unsupported activation {spec!r}: bnfast fuses {names} (aliases: {aliases}), given as a name or as the "
         "matching torch.nn module (nn.ReLU(), nn.LeakyReLU(slope), nn.ELU(alpha), nn.GELU(approximate=...), ...)"
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _from_name(spec: str) -> Activation:
+    name = ALIASES.get(spec.lower(), spec.lower())
+    if name not in ACTIVATIONS:
+        raise _unsupported(spec)
+    return Activation(name, ACTIVATIONS[name].default_param)
+
+
 def resolve_activation(spec) -> Activation:
     """Name, supported nn.Module instance, or None -> Activation. Raises ValueError listing what is supported."""
-    if spec is None:
-        return Activation("")
     if isinstance(spec, Activation):
         return spec
+    if spec is None:
+        return Activation("")
     if isinstance(spec, str):
-        name = _ALIASES.get(spec.lower(), spec.lower())
-        if name not in _SUPPORTED:
-            raise _unsupported(spec)
-        return Activation(name, _SUPPORTED[name][1])
+        return _from_name(spec)
     if isinstance(spec, nn.Module):
         activation = activation_of_module(spec)
         if activation is None:
@@ -95,18 +99,18 @@ def activation_of_module(module: nn.Module) -> Activation | None:
     """The Activation a torch module computes, or None if bnfast cannot fuse it.
 
     Exact types only: a subclass may override forward. `inplace=True` is fine: fused, there is nothing to
-    write in place.
+    write in place. The parameter is kept as a Python float (a float64: the kernels take it as float64).
     """
     kind = type(module)
-    if kind is nn.LeakyReLU:
-        return Activation("leaky_relu", float(module.negative_slope))
-    if kind is nn.ELU:
-        return Activation("elu", float(module.alpha))
     if kind is nn.GELU:
-        if module.approximate == "tanh":
-            return Activation("gelu_tanh")
-        return Activation("gelu") if module.approximate == "none" else None
-    for name, (module_type, _) in _SUPPORTED.items():
-        if kind is module_type and name not in ("leaky_relu", "elu", "gelu", "gelu_tanh"):
-            return Activation(name)
+        return Activation({"tanh": "gelu_tanh", "none": "gelu"}[module.approximate]) if module.approximate in (
+            "tanh", "none") else None  # fmt: skip
+    for name, info in ACTIVATIONS.items():
+        if name == "gelu_tanh" or kind is not getattr(nn, info.torch_module):
+            continue
+        if name == "leaky_relu":
+            return Activation(name, float(module.negative_slope))
+        if name == "elu":
+            return Activation(name, float(module.alpha))
+        return Activation(name)
     return None

@@ -14,7 +14,7 @@ from collections import Counter
 from torch import nn
 
 from .activations import activation_of_module
-from .batch_norm import FusedBatchNorm1d
+from .modules import FusedBatchNorm1d
 
 
 def _is_plain_bn1d(module: nn.Module) -> bool:

@@ -27,7 +27,7 @@ import copy
 import torch
 from torch import nn
 
-from .batch_norm import FusedBatchNorm1d
+from .modules import FusedBatchNorm1d
 
 _FOLDABLE_BN = (nn.BatchNorm1d, FusedBatchNorm1d)
 

@@ -1,18 +1,24 @@
-"""`batch_norm(...)`: torch.nn.functional.batch_norm for (N, C) and (N, C, L) inputs, with a fused activation.
+"""`batch_norm(...)`: torch.nn.functional.batch_norm with a fused activation: checks, routing, the CPU fallback.
 
-Dispatch:
-- CUDA tensors run the Triton kernels (`bnfast.kernels`), through `BatchNormFn` for autograd.
-- CPU tensors run the same kernels when TRITON_INTERPRET=1 was set before bnfast was imported (Triton's
-  interpreter: slow, exact, how CI tests the kernels), and otherwise fall back to
-  `torch.nn.functional.batch_norm` followed by the torch activation (same semantics, no Triton).
-- Empty inputs take torch's own path everywhere: torch defines their outputs and gradients, and there is
-  nothing for a kernel to do.
-- The Triton path has two routes to the same launchers (`bnfast.kernels.bn_fwd`/`bn_bwd`):
-  eager calls go through `BatchNormFn` (autograd.Function; the forward kernel updates the running stats in
-  place, no extra launch, least host overhead). Under torch.compile / torch.export, or on fake tensors, they
-  go through the `bnfast::` torch.library ops (`bnfast.ops`), which torch traces without graph breaks; the
-  training op is functional (its kernel writes the new running stats into fresh tensors), and this function
-  then copies them into running_mean/running_var in place, so both routes update the same buffer objects.
+Checks. What torch accepts gets torch's answer; what torch rejects gets torch's error, raised before any state
+changes. The common case is recognised by a few cheap tests (same dtype everywhere, or 16-bit input with
+float32 parameters and buffers: the AMP layout; sizes; devices; eps > 0; more than one value per channel in
+training). Anything else is handed to torch itself first (`_torch_verdict`: torch's batch_norm on the same
+tensors, running stats cloned, under no_grad): if torch raises, its very exception propagates (type and
+message, whatever the installed version says); if it accepts, so do we, and the kernels compute it (they read
+every dtype and stride torch accepts).
+
+Routing, per call:
+- Triton kernels when `uses_triton(x)`: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before
+  bnfast was imported (Triton's interpreter: slow, exact, how CI tests the kernels).
+  - eager: `ops.BatchNormFunction` (running stats updated in place by the kernel);
+  - torch.compile / torch.export / fake tensors: the `bnfast::batch_norm` op (functional), whose new running
+    stats are then copied into the buffers in place, so both update the same tensor objects.
+- torch's own `F.batch_norm` + the activation's torch op (same semantics) otherwise: CPU tensors without
+  the interpreter, empty inputs (torch defines their outputs), functorch transforms (vmap/grad/jacrev: their
+  wrapped tensors have no storage for a kernel to read), and torch.jit.trace (which records torch ops).
+
+Imports: torch, bnfast.activations, bnfast.ops, bnfast.kernels.launch (is_interpreted).
 """
 
 import torch
@@ -21,48 +27,58 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import ops  # registers the bnfast:: ops on import, so torch.export.load finds them after `import bnfast`
 from .activations import Activation, resolve_activation
-from .kernels import is_interpreted
+from .kernels.launch import is_interpreted
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+_INTERPRETED = is_interpreted()
 
 
 def uses_triton(x: torch.Tensor) -> bool:
     """True when `x` is computed by the Triton kernels, False when by the torch fallback."""
-    return x.is_cuda or (x.device.type == "cpu" and is_interpreted())
+    return x.is_cuda or (_INTERPRETED and x.device.type == "cpu")
 
 
 def _is_traced(x: torch.Tensor) -> bool:
     """True under torch.compile / torch.export, or for fake tensors (FakeTensorMode, make_fx): then the kernels
-    must be reached through the `bnfast::` ops, which torch can trace; eager calls keep `BatchNormFn`."""
+    are reached through the `bnfast::` op, which torch can trace."""
     if torch.compiler.is_compiling():
         return True
     return type(x) is not torch.Tensor and is_fake(x)  # the type test keeps plain eager tensors cheap
 
 
-def _check_inputs(x, running_mean, running_var, weight, bias, training):
-    if x.dim() not in (2, 3):
-        raise ValueError(f"expected 2D or 3D input (got {x.dim()}D input)")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        scalar_type = x.new_empty(0).type().removeprefix("torch.").removesuffix("Tensor")  # torch's name: 'Long'
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{scalar_type}': bnfast supports float16, "
-                                  "bfloat16, float32 and float64 inputs")  # fmt: skip
+def _needs_torch_ops(x: torch.Tensor) -> bool:
+    """functorch transforms and torch.jit.trace run on torch's own ops (see the module docstring)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.jit.is_tracing()
+
+
+def _common_case(x, tensors, training, eps) -> bool:
+    """The cheap tests of the module docstring: True when nothing needs torch's verdict."""
+    if x.dtype not in _SUPPORTED_DTYPES or x.dim() < 2:
+        return False
+    if not eps > 0:  # also catches NaN
+        return False
     C = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != C:
-            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
-    if training and x.numel() > 0 and x.shape[0] * (x.shape[2] if x.dim() == 3 else 1) == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype != x.dtype and not (x.dtype in _HALF and t.dtype == torch.float32):
+            return False
+        if t.dim() != 1 or t.shape[0] != C or t.device != x.device:
+            return False
+    if training:
+        return x.numel() != C  # more than one value per channel (x.numel() == 0 takes torch's path anyway)
+    return tensors[2] is not None and tensors[3] is not None  # eval needs running stats
 
 
-def _momentum_factor(momentum, num_batches_tracked) -> tuple[float, bool]:
-    """(factor, cumulative): momentum=None means the cumulative average 1/num_batches_tracked."""
-    if momentum is not None:
-        return float(momentum), False
-    if num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs the num_batches_tracked tensor")
-    return 0.0, True
+def _torch_verdict(x, running_mean, running_var, weight, bias, training, eps):
+    """Run torch's batch_norm on the same tensors (stats cloned: no state changes) and let its error propagate."""
+    clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+    with torch.no_grad():
+        F.batch_norm(x.detach(), clone(running_mean), clone(running_var), clone(weight), clone(bias), training, 0.1,
+                     eps)  # fmt: skip
+    if x.dim() < 2 or x.dtype not in _SUPPORTED_DTYPES:  # torch accepted what bnfast cannot compute
+        raise ValueError(f"bnfast.batch_norm: unsupported input ({x.dim()}-D, {x.dtype}); torch accepts it")
 
 
 def batch_norm(
@@ -78,7 +94,7 @@ def batch_norm(
     activation=None,
     num_batches_tracked: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`act(F.batch_norm(input, ...))` in one fused pass for (N, C) and (N, C, L) inputs.
+    """`act(F.batch_norm(input, ...))` in fused passes, for (N, C), (N, C, L) and (N, C, *spatial) inputs.
 
     Same arguments and semantics as torch.nn.functional.batch_norm, plus `activation` (a name such as "relu"
     or a module such as nn.LeakyReLU(0.2); see `bnfast.SUPPORTED_ACTIVATIONS`) and `num_batches_tracked`:
@@ -86,33 +102,45 @@ def batch_norm(
     1/num_batches_tracked (the caller increments it first, as nn.BatchNorm1d does).
     In training with running stats, running_mean/running_var are updated in place.
     """
-    act = resolve_activation(activation)
-    _check_inputs(input, running_mean, running_var, weight, bias, training)
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    factor, cumulative = _momentum_factor(momentum, num_batches_tracked) if training else (0.0, False)
-    if input.numel() == 0 or not uses_triton(input):
-        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, factor, cumulative,
+    return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                           resolve_activation(activation), num_batches_tracked, False)  # fmt: skip
+
+
+def batch_norm_impl(x, running_mean, running_var, weight, bias, training, momentum, eps, act: Activation,
+                    num_batches_tracked, count_batch: bool):  # fmt: skip
+    """`batch_norm` with a resolved activation; `count_batch` increments num_batches_tracked (the modules'
+    `+= 1`) after the checks, so that a rejected call changes nothing."""
+    tensors = (weight, bias, running_mean, running_var)
+    if not _common_case(x, tensors, training, eps):
+        _torch_verdict(x, running_mean, running_var, weight, bias, training, eps)
+    cumulative = training and momentum is None
+    if cumulative and num_batches_tracked is None and running_mean is not None:
+        raise ValueError("momentum=None (cumulative average) needs the num_batches_tracked tensor")
+    if count_batch:
+        num_batches_tracked.add_(1)
+    factor = 0.0 if momentum is None or not training else float(momentum)
+    traced = _is_traced(x)
+    if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops(x)):
+        return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative,
                                  num_batches_tracked, eps, act)  # fmt: skip
-    if _is_traced(input):
-        y, new_mean, new_var = ops.batch_norm(input, running_mean, running_var, num_batches_tracked, weight, bias,
-                                              training, factor, cumulative, eps, act)  # fmt: skip
-        if new_mean is not None:
+    if traced:
+        y, _, _, new_mean, new_var = ops.batch_norm_op(x, weight, bias, running_mean, running_var,
+                                                       num_batches_tracked if cumulative else None, training,
+                                                       factor, cumulative, eps, act.name, act.param)  # fmt: skip
+        if training and running_mean is not None:
             with torch.no_grad():  # in place: modules, DDP and optimizers hold these very tensors
                 running_mean.copy_(new_mean)
                 running_var.copy_(new_var)
         return y
-    from .batch_norm import BatchNormFn
-
-    return BatchNormFn.apply(input, weight, bias, running_mean, running_var, num_batches_tracked, training, factor,
-                             cumulative, eps, act)  # fmt: skip
+    return ops.BatchNormFunction.apply(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                                       factor, cumulative, eps, act.name, act.param)[0]  # fmt: skip
 
 
 def _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative, nbt, eps,
                       act: Activation):  # fmt: skip
     """The fallback: torch's batch_norm, then the activation as a separate torch op."""
     if cumulative and running_mean is not None:
-        if _is_traced(x):  # float(nbt) would be a data-dependent graph break under torch.compile
+        if _is_traced(x) or x.device.type != "cpu":  # float(nbt) would sync the device / break the graph
             return act.apply(_torch_cumulative_batch_norm(x, running_mean, running_var, weight, bias, nbt, eps))
         factor = 1.0 / float(nbt)
     return act.apply(F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps))

@@ -1,33 +1,44 @@
-"""The `bnfast::` torch.library ops: how torch.compile, torch.export and fake-tensor tracing see the kernels.
+"""Autograd for the Triton path: one forward, one setup, one backward, shared by the eager and the traced entry.
 
-    bnfast::batch_norm_fwd   training forward, functional: (y, save_mean, save_rstd, new_running_mean,
-                             new_running_var); the kernel writes the new running stats into fresh outputs
-    bnfast::batch_norm_eval  eval forward: y, normalised with the running stats (which it only reads)
-    bnfast::batch_norm_bwd   backward of both: (dx, dweight, dbias)
+    bnfast::batch_norm           (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                                  momentum, cumulative, eps, activation, act_param)
+                                  -> (y, save_mean, save_rstd, new_running_mean, new_running_var)
+    bnfast::batch_norm_backward  (dy, x, weight, bias, mean, stat, training, eps, activation, act_param,
+                                  output_mask) -> (dx, dweight, dbias)
 
-Why `custom_op` + `register_fake` and not `triton_op` + `wrap_triton`: under TRITON_INTERPRET=1 a triton_op's
-kernels are traced with fake tensors and the interpreter fails ("Cannot access data pointer of Tensor"),
-whereas an opaque custom_op with an explicit fake implementation traces on CPU (backend="aot_eager") and GPU
-(inductor calls the op as an extern kernel) alike. The op bodies are thin: they call the same launchers as
-the eager `BatchNormFn` (`bnfast.kernels.bn_fwd`/`bn_bwd`), so both routes run the same kernels.
+Two entries, one implementation:
+- `BatchNormFunction` (autograd.Function) is the eager entry: its forward updates the running stats in place.
+- The `bnfast::` torch.library ops are what torch.compile / torch.export / fake tensors see (traceable, no
+  graph break). No op mutates its inputs (PyTorch refuses autograd for mutating custom ops), so the op's
+  forward is functional like aten's `_native_batch_norm_legit_functional`: it returns the new running stats
+  and `bnfast.functional` copies them into the buffers in place.
+Both take the same inputs in the same order, so `_setup_context` and `_backward` are literally the same
+functions for both (`register_autograd` and the Function's staticmethods). Why keep the eager Function at all:
+measured on this project's CPU (bench/test_host_overhead.py, kernels stubbed), the custom op's eager dispatch
+costs more host time per forward+backward than `BatchNormFunction.apply` (figures in that file's docstring and
+the README); a layer of the MNIST model computes for ~3 us on a GPU, so host time is the step time there.
 
-Rules the schemas follow:
-- No op mutates its inputs (PyTorch refuses autograd for mutating custom ops), so the training forward is
-  functional like aten's `_native_batch_norm_legit_functional`: `bnfast.functional.batch_norm` copies the new
-  running stats into the buffers in place (same tensor objects) after the op.
-- custom_op cannot return None, so "no such tensor" is a 0-element tensor: the new running stats when there
-  are none, and the gradients that were not asked for (`output_mask`) or have no parameter.
-- Outputs alias neither inputs nor each other (checked by torch at run time).
-- save_mean/save_rstd are in the accumulation dtype: float64 for float64 inputs, float32 otherwise.
-- `batch_norm_bwd` has no autograd formula (like the eager `BatchNormFn`, which is once_differentiable):
-  double backward raises torch's "autograd has not been implemented" error.
+Rules the op schemas follow: custom_op cannot return None, so "no such tensor" is a 0-element tensor (the
+new running stats without buffers, save_mean/save_rstd in eval, gradients not asked for); outputs alias
+neither inputs nor each other; save_mean/save_rstd are in the accumulation dtype (float64 for float64
+inputs, float32 otherwise). Fake implementations allocate through the launchers' own
+`forward_outputs` / `backward_outputs`.
+
+The backward has two paths:
+- kernels (the normal case): `bn_bwd`, or the backward op when traced;
+- differentiable torch ops of the same math (`_backward_torch`), when the backward itself is differentiated
+  (create_graph=True: double backward, gradient penalties, Hessian-vector products) or runs on batched
+  gradients (`is_grads_batched=True`, gradcheck's batched check: functorch tensors the kernels cannot read).
+  This is the slow path: a few torch ops per layer, float32 (float64 for float64) like the kernels.
+
+Imports: torch, bnfast.activations, bnfast.kernels.launch.
 """
 
 import torch
 from torch import Tensor
 
-from .kernels import bn_bwd, bn_fwd
-from .kernels.launchers import _acc_dtype
+from .activations import Activation
+from .kernels import launch
 
 
 def _none(x: Tensor) -> Tensor:
@@ -35,75 +46,46 @@ def _none(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
-def _new_running_stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> tuple[Tensor, Tensor]:
-    if running_mean is None:
+def _new_running(x, running_mean, running_var, training):
+    if not training or running_mean is None:
         return _none(x), _none(x)
     return torch.empty_like(running_mean), torch.empty_like(running_var)
 
 
-@torch.library.custom_op("bnfast::batch_norm_fwd", mutates_args=())
-def batch_norm_fwd(
+# ------------------------------------------------------------------------------------------------- the ops
+@torch.library.custom_op("bnfast::batch_norm", mutates_args=())
+def batch_norm_op(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     num_batches_tracked: Tensor | None,
+    training: bool,
     momentum: float,
     cumulative: bool,
     eps: float,
     activation: str,
     act_param: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Training forward with batch statistics. Returns (y, save_mean, save_rstd, new_running_mean,
-    new_running_var); the new running stats are 0-element tensors when running_mean/var are None."""
-    new_mean, new_var = _new_running_stats(x, running_mean, running_var)
-    y, mean, rstd = bn_fwd(
-        x, weight, bias, running_mean, running_var, num_batches_tracked, training=True, momentum=momentum,
-        cumulative=cumulative, eps=eps, activation=activation, act_param=act_param,
-        running_mean_out=new_mean if running_mean is not None else None,
-        running_var_out=new_var if running_mean is not None else None,
+    """(y, save_mean, save_rstd, new_running_mean, new_running_var); see the module docstring."""
+    new_mean, new_var = _new_running(x, running_mean, running_var, training)
+    running_out = (new_mean, new_var) if new_mean.numel() else None
+    y, mean, rstd = launch.bn_fwd(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum,
+        cumulative=cumulative, eps=eps, activation=activation, act_param=act_param, running_out=running_out,
     )  # fmt: skip
     return y, mean, rstd, new_mean, new_var
 
 
-@batch_norm_fwd.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps, activation,
-      act_param):  # fmt: skip
-    C = x.shape[1]
-    acc, _ = _acc_dtype(x.dtype)  # (torch dtype, triton dtype): the launcher's own choice
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, like the launcher's
-    mean = torch.empty(C, dtype=acc, device=x.device)
-    rstd = torch.empty(C, dtype=acc, device=x.device)
-    return (y, mean, rstd, *_new_running_stats(x, running_mean, running_var))
+@batch_norm_op.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, cumulative, eps,
+      activation, act_param):  # fmt: skip
+    return (*launch.forward_outputs(x, training), *_new_running(x, running_mean, running_var, training))
 
 
-@torch.library.custom_op("bnfast::batch_norm_eval", mutates_args=())
-def batch_norm_eval(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-    activation: str,
-    act_param: float,
-) -> Tensor:
-    """Eval forward: normalise with the running stats, which are only read."""
-    y, _, _ = bn_fwd(
-        x, weight, bias, running_mean, running_var, None, training=False, momentum=0.0, cumulative=False,
-        eps=eps, activation=activation, act_param=act_param,
-    )  # fmt: skip
-    return y
-
-
-@batch_norm_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, activation, act_param):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@torch.library.custom_op("bnfast::batch_norm_bwd", mutates_args=())
-def batch_norm_bwd(
+@torch.library.custom_op("bnfast::batch_norm_backward", mutates_args=())
+def batch_norm_backward_op(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -116,64 +98,99 @@ def batch_norm_bwd(
     act_param: float,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias). (mean, stat) = (save_mean, save_rstd) in training, (running_mean, running_var) in
-    eval. A gradient not in output_mask, or for a missing parameter, is a 0-element tensor."""
-    dx, dw, db = bn_bwd(
+    """(dx, dweight, dbias); (mean, stat) = (save_mean, save_rstd) in training, the running stats in eval."""
+    grads = launch.bn_bwd(
         dy, x, weight, bias, mean, stat, training=training, eps=eps, activation=activation, act_param=act_param,
         needs_dx=output_mask[0], needs_dw=output_mask[1], needs_db=output_mask[2],
     )  # fmt: skip
-    return (dx if dx is not None else _none(x), dw if dw is not None else _none(x), db if db is not None else _none(x))
+    return tuple(g if g is not None else _none(x) for g in grads)
 
 
-@batch_norm_bwd.register_fake
+@batch_norm_backward_op.register_fake
 def _(dy, x, weight, bias, mean, stat, training, eps, activation, act_param, output_mask):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if output_mask[0] else _none(x)
-    dw = torch.empty_like(weight) if output_mask[1] and weight is not None else _none(x)
-    db = torch.empty_like(bias) if output_mask[2] and bias is not None else _none(x)
-    return dx, dw, db
+    return tuple(g if g is not None else _none(x) for g in launch.backward_outputs(x, weight, bias, output_mask))
 
 
-def _setup_fwd(ctx, inputs, output):
-    x, weight, bias = inputs[:3]
-    ctx.eps, ctx.activation, ctx.act_param = inputs[8:11]
-    _, mean, rstd, new_mean, new_var = output
-    ctx.mark_non_differentiable(mean, rstd, new_mean, new_var)
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.training = True
-
-
-def _setup_eval(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, ctx.eps, ctx.activation, ctx.act_param = inputs
-    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
-    ctx.training = False
+# -------------------------------------------------------------------------------- shared setup and backward
+def _setup_context(ctx, inputs, output):
+    """Both entries: inputs are (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+    momentum, cumulative, eps, activation, act_param); output starts with (y, save_mean, save_rstd)."""
+    x, weight, bias, running_mean, running_var, _, training, _, _, eps, activation, act_param = inputs
+    _, mean, rstd = output[:3]
+    ctx.mark_non_differentiable(*output[1:])
+    if training:
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+    else:  # eval: the running stats are constants of the backward
+        ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+    ctx.training, ctx.eps, ctx.activation, ctx.act_param = training, eps, activation, act_param
 
 
 def _backward(ctx, dy, *_stat_grads):
-    """Shared by both forwards; the saved (mean, stat) say which. Only y is differentiable."""
+    """Only y is differentiable; running stats, num_batches_tracked and the scalars get no gradient."""
     x, weight, bias, mean, stat = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, stat, ctx.training, ctx.eps, ctx.activation,
-                                ctx.act_param, mask)  # fmt: skip
-    grads = tuple(g if needed else None for g, needed in zip((dx, dw, db), mask, strict=True))
-    # running stats, num_batches_tracked and the scalars get no gradient
-    return grads + (None,) * (len(ctx.needs_input_grad) - 3)
+    needs = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() or _is_functorch(dy):
+        grads = _backward_torch(dy, x, weight, bias, mean, stat, ctx.training, ctx.eps, ctx.activation,
+                                ctx.act_param, needs)  # fmt: skip
+    elif type(dy) is torch.Tensor and type(x) is torch.Tensor:
+        grads = launch.bn_bwd(dy, x, weight, bias, mean, stat, training=ctx.training, eps=ctx.eps,
+                              activation=ctx.activation, act_param=ctx.act_param, needs_dx=needs[0],
+                              needs_dw=needs[1], needs_db=needs[2])  # fmt: skip
+    else:  # traced (fake/functional tensors): through the op, which torch can trace
+        grads = batch_norm_backward_op(dy, x, weight, bias, mean, stat, ctx.training, ctx.eps, ctx.activation,
+                                       ctx.act_param, list(needs))  # fmt: skip
+        grads = tuple(g if need and g.numel() else None for g, need in zip(grads, needs, strict=True))
+    return (*grads, *(None,) * (len(ctx.needs_input_grad) - 3))
 
 
-batch_norm_fwd.register_autograd(_backward, setup_context=_setup_fwd)
-batch_norm_eval.register_autograd(_backward, setup_context=_setup_eval)
+def _is_functorch(t: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def batch_norm(x, running_mean, running_var, num_batches_tracked, weight, bias, training: bool, momentum: float,
-               cumulative: bool, eps: float, activation) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
-    """(y, new_running_mean, new_running_var) through the ops; the new stats are None when not updated.
-    `activation` is an `Activation`. Nothing is mutated: the caller writes the new stats back."""
-    if not training:
-        y = batch_norm_eval(x, weight, bias, running_mean, running_var, eps, activation.name, activation.param)
-        return y, None, None
-    y, _, _, new_mean, new_var = batch_norm_fwd(
-        x, weight, bias, running_mean, running_var, num_batches_tracked if cumulative else None, momentum,
-        cumulative, eps, activation.name, activation.param,
-    )  # fmt: skip
-    if running_mean is None:
-        return y, None, None
-    return y, new_mean, new_var
+def _backward_torch(dy, x, weight, bias, mean, stat, training, eps, activation, act_param, needs):
+    """The backward's math in differentiable torch ops (the slow path; see the module docstring). In training,
+    mean and rstd are recomputed from x so that a second derivative sees their dependence on x."""
+    acc = launch.acc_dtype(x.dtype)
+    dims = [0, *range(2, x.dim())]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    xa, dya = x.to(acc), dy.to(acc)
+    if training:
+        mean = xa.mean(dims)
+        rstd = torch.rsqrt(xa.var(dims, correction=0) + eps)
+    else:
+        mean, rstd = mean.to(acc), torch.rsqrt(stat.to(acc) + eps)
+    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
+    b = bias.to(acc) if bias is not None else torch.zeros_like(mean)
+    xhat = (xa - mean.view(shape)) * rstd.view(shape)
+    g = dya * Activation(activation, act_param).derivative(xhat * w.view(shape) + b.view(shape))
+    sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
+    dx = dw = db = None
+    if needs[0]:
+        if training:
+            count = x.numel() // x.shape[1]
+            g = g - (sum_g.view(shape) + xhat * sum_gx.view(shape)) / count
+        dx = ((w * rstd).view(shape) * g).to(x.dtype)
+    if needs[1] and weight is not None:
+        dw = sum_gx.to(weight.dtype)
+    if needs[2] and bias is not None:
+        db = sum_g.to(bias.dtype)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------- eager entry
+class BatchNormFunction(torch.autograd.Function):
+    """The eager entry (see the module docstring): the running stats are updated in place by the kernel."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, cumulative, eps,
+                activation, act_param):  # fmt: skip
+        return launch.bn_fwd(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum,
+            cumulative=cumulative, eps=eps, activation=activation, act_param=act_param,
+        )  # fmt: skip
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+batch_norm_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,9 +1,11 @@
 """bnfast's Triton kernels, installed as `bnfast.kernels` (setup.py maps this folder; PyPI has a `kernels`).
 
-`batch_norm.py` and `activations.py` hold the @triton.jit code; `launchers.py` the host side that views,
-allocates, picks meta-parameters and launches. Nothing here imports torch.nn.
+`activations.py` (the table of fused activations + their jit helpers) and `batch_norm.py` (the math, the
+partials' format, the passes per plan, the kernels in the order they run) hold the @triton.jit code;
+`launch.py` the host side: one function per stage, `bn_fwd` / `bn_bwd` composing them. Nothing here imports
+torch.nn or anything from `bnfast` outside this package.
 """
 
-from .launchers import LaunchConfig, bn_bwd, bn_fwd, is_interpreted
+from .launch import LaunchConfig, bn_bwd, bn_fwd, is_interpreted
 
 __all__ = ["LaunchConfig", "bn_bwd", "bn_fwd", "is_interpreted"]

@@ -1,17 +1,52 @@
-"""Activations fused into the BatchNorm kernels: forward `_act(z)` and derivative `_act_grad(z)`, one place each.
+"""Activations fused into the BatchNorm kernels: THE table of what bnfast fuses, and the jit helpers.
+
+`ACTIVATIONS` is the one place that names an activation. Everything else reads it: `bnfast.activations`
+(names, aliases, the torch modules they stand for), the launchers (which backward needs half-size tiles),
+the kernel report and the examples. `_act(z)` / `_act_grad(z)` implement each name; a name missing there
+fails to compile (`tl.static_assert`), it never runs as the identity.
 
 Everything is evaluated in the accumulation dtype (float32 for 16-bit inputs, float64 for float64), on the
-pre-activation z = xhat * weight + bias, so 16-bit inputs round once, at the store. `PARAM` carries the one
-parameter an activation may have: negative_slope (leaky_relu) or alpha (elu); the others ignore it.
+pre-activation z = xhat * weight + bias, so 16-bit inputs round once, at the store. `param` carries the one
+parameter an activation may have (negative_slope for leaky_relu, alpha for elu); it arrives as a float64
+kernel argument and is rounded to the accumulation dtype here, so float64 models keep it exact.
 
 Where torch is exact near 0 we are too: ELU/SELU use expm1 and mish uses log1p, both through Kahan's
 correction (u = exp(z); (u - 1) * z / log(u)), which needs only exp/log and so runs on every backend,
 the interpreter included. Derivatives follow torch's backward kernels, including the choice at the kink:
 relu'(0) = 0, leaky_relu'(0) = slope, elu'(0) = alpha (torch tests `z > 0` everywhere).
+
+Imports: triton only (no torch.nn: `torch_module` is the *name* of the torch.nn class).
 """
+
+import dataclasses
 
 import triton
 import triton.language as tl
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationInfo:
+    torch_module: str  # the torch.nn class it stands for (resolved by bnfast.activations)
+    default_param: float = 0.0  # negative_slope / alpha; 0 where there is no parameter
+    has_param: bool = False
+    # the derivative keeps many temporaries live per value (exp/erf/tanh chains): the split backward kernels
+    # spill at full-size tiles (bench/kernel_report.py), so the launchers give them half-size tiles
+    heavy_backward: bool = False
+
+
+ACTIVATIONS = {
+    "relu": ActivationInfo("ReLU"),
+    "leaky_relu": ActivationInfo("LeakyReLU", 0.01, has_param=True),
+    "elu": ActivationInfo("ELU", 1.0, has_param=True, heavy_backward=True),
+    "selu": ActivationInfo("SELU", heavy_backward=True),
+    "silu": ActivationInfo("SiLU", heavy_backward=True),
+    "gelu": ActivationInfo("GELU", heavy_backward=True),
+    "gelu_tanh": ActivationInfo("GELU", heavy_backward=True),  # nn.GELU(approximate="tanh")
+    "sigmoid": ActivationInfo("Sigmoid", heavy_backward=True),
+    "tanh": ActivationInfo("Tanh", heavy_backward=True),
+    "mish": ActivationInfo("Mish", heavy_backward=True),
+}
+ALIASES = {"swish": "silu"}
 
 # Globals a @triton.jit function reads must be tl.constexpr instances (the interpreter accepts plain floats, the
 # compiler does not: bench/kernel_report.py compiles every activation to catch exactly this). They multiply
@@ -57,8 +92,12 @@ def _softplus(z):
 
 
 @triton.jit
-def _act(z, ACTIVATION: tl.constexpr, PARAM):
-    if ACTIVATION == "relu":
+def _act(z, ACTIVATION: tl.constexpr, param):
+    """act(z); ACTIVATION "" is the identity."""
+    PARAM = tl.full([], param, z.dtype)  # a float64 argument, rounded once to ACC
+    if ACTIVATION == "":
+        return z
+    elif ACTIVATION == "relu":
         return tl.where(z > 0, z, 0.0)
     elif ACTIVATION == "leaky_relu":
         return tl.where(z > 0, z, z * PARAM)
@@ -79,13 +118,16 @@ def _act(z, ACTIVATION: tl.constexpr, PARAM):
     elif ACTIVATION == "mish":
         return z * _tanh(_softplus(z))
     else:
-        return z
+        tl.static_assert(False, "bnfast: unknown activation (kernels/activations.py ACTIVATIONS)")
 
 
 @triton.jit
-def _act_grad(z, ACTIVATION: tl.constexpr, PARAM):
+def _act_grad(z, ACTIVATION: tl.constexpr, param):
     """d act / d z at the pre-activation z (1 for no activation)."""
-    if ACTIVATION == "relu":
+    PARAM = tl.full([], param, z.dtype)  # a float64 argument, rounded once to ACC
+    if ACTIVATION == "":
+        return tl.full(z.shape, 1.0, z.dtype)
+    elif ACTIVATION == "relu":
         return tl.where(z > 0, 1.0, 0.0)
     elif ACTIVATION == "leaky_relu":
         return tl.where(z > 0, 1.0, PARAM)
@@ -112,4 +154,13 @@ def _act_grad(z, ACTIVATION: tl.constexpr, PARAM):
         t = _tanh(_softplus(z))
         return t + z * (1.0 - t * t) * tl.sigmoid(z)
     else:
-        return tl.full(z.shape, 1.0, z.dtype)
+        tl.static_assert(False, "bnfast: unknown activation (kernels/activations.py ACTIVATIONS)")
+
+
+@triton.jit
+def _grad_pre_activation(dy, xhat, w, b, ACTIVATION: tl.constexpr, param):
+    """g = dL/dz = dy * act'(z), z = w*xhat + b recomputed (nothing but x is saved). w, b broadcast [1, C, 1]."""
+    if ACTIVATION == "":
+        return dy
+    else:
+        return dy * _act_grad(xhat * w + b, ACTIVATION, param)

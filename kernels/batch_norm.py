@@ -1,58 +1,92 @@
-"""BatchNorm (+ fused activation) kernels on x viewed as (N, C, S): S = L for (N, C, L) inputs, S = 1 for (N, C).
+"""BatchNorm (+ fused activation) kernels on x viewed as (N, C, S); M = N * S values per channel.
 
-M = N * S values per channel. A program owns BLOCK_C channels and walks 3-D tiles [BLOCK_N, BLOCK_C, BLOCK_S]
-of the reduction axes (n, s); any strides work, and the axis whose stride is 1 (c for (N, C), s for
-contiguous (N, C, L)) becomes the fast, vectorised axis of the tile. Statistics and reductions run in ACC:
-float32 for float32/16-bit inputs, float64 for float64.
+Math (statistics and reductions in ACC: float32 for float32/16-bit inputs, float64 for float64):
+    Forward (train):  mean = sum(x)/M   var = sum((x-mean)**2)/M   rstd = 1/sqrt(var+eps)
+                      xhat = (x-mean)*rstd   z = w*xhat + b   y = act(z)
+                      running_mean <- (1-f)*running_mean + f*mean
+                      running_var  <- (1-f)*running_var  + f*var*M/(M-1)         # unbiased, like torch
+                      f = momentum, or 1/num_batches_tracked when momentum is None (cumulative average)
+    Forward (eval):   the same with mean, var = running_mean, running_var.
+    Backward (train): g = dy*act'(z)   (z recomputed from x, mean, rstd; nothing but x is saved)
+                      sum_g = sum(g)   sum_gx = sum(g*xhat)   dbias = sum_g   dweight = sum_gx
+                      dx = w*rstd * (g - (sum_g + xhat*sum_gx)/M)
+    Backward (eval):  mean, rstd are constants: dx = w*rstd*g; dweight, dbias as above.
 
-Forward (train):  mean = sum(x)/M   var = sum((x-mean)**2)/M   rstd = 1/sqrt(var+eps)
-                  xhat = (x-mean)*rstd   z = w*xhat + b   y = act(z)
-                  running_mean <- (1-f)*running_mean + f*mean
-                  running_var  <- (1-f)*running_var  + f*var*M/(M-1)       # unbiased, like torch
-                  f = momentum, or 1/num_batches_tracked when momentum is None (cumulative average)
-Forward (eval):   the same with mean, var = running_mean, running_var.
-Backward (train): g = dy*act'(z)   (z recomputed from x, mean, rstd; nothing else is saved)
-                  db = sum(g)   dw = sum(g*xhat)   dx = w*rstd * (g - (db + xhat*dw)/M)
-Backward (eval):  mean, rstd are constants: dx = g*w*rstd, db and dw as above.
+Accuracy. Variance is never E[x^2]-E[x]^2. A tile's (count, mean, M2 = sum of squared deviations) is exact
+up to rounding, tiles merge with Chan's formula, and splits with the parallel formula
+M2 = sum_k M2_k + sum_k n_k*(mean_k-mean)**2. The split plan works on x - shift, with shift = x[0, c, 0]
+per channel (one sample: |mean - shift| is of the order of the spread), so partial means are small numbers
+whose rounding is relative to the spread, not to |mean|: mean 1e6 / std 1 in float32 keeps the accuracy of
+the single-pass plan. Means are refined once in registers (`_channel_mean`), so they come out correctly
+rounded; y is computed as (x - mean)*scale + b, never x*scale + (b - mean*scale), which cancels.
 
-Variance is never E[x^2]-E[x]^2: each tile gives its exact (count, mean, M2 = sum of squared deviations),
-tiles are merged with Chan's formula, and splits are merged by the parallel formula
-M2 = sum_k M2_k + sum_k n_k*(mean_k-mean)**2, so mean 1e4 / std 1 inputs keep full float32 precision.
-Means are refined once in registers (`_channel_mean`) and split means merged around a shift, so the mean is
-correctly rounded; y is computed as (x - mean)*scale + b, never x*scale + (b - mean*scale), which cancels.
+Partials (the unit SyncBatchNorm puts a collective between; format documented once, here):
+    stats partials  `part` (3, K, C) in ACC: per split k: count, mean of (x - shift), M2; and `shift` (C,)
+    grad partials   `part` (2, K, C) in ACC: per split k: sum g, sum g*xhat
+Empty splits hold count 0 (stats) or 0 sums (grad) and add nothing; the finalize kernels merge the K rows
+in a fixed order: no atomics, results are bit-identical run to run.
 
-Two launch plans, chosen by `kernels.launchers`:
-- column fits (BLOCK_N >= N and BLOCK_S >= S): one program per channel block holds the whole column in
-  registers. Forward = `_bn_fwd_fused_kernel` (reads x once, writes y once: the floor). Backward =
-  `_bn_bwd_fused_kernel` (reads x and dy once, writes dx once: the floor). One launch each.
-- split: grid (channel blocks, splits), so even C = 32 fills a 132-SM GPU. Partial results go to a small
-  fp32 workspace (splits, C) and a second small stage merges them in a fixed order: no float atomics,
-  results are bit-identical run to run.
-    forward:  `_bn_fwd_stats_partial_kernel` (reads x) -> `_bn_fwd_stats_finalize_kernel` (mean, rstd,
-              running stats) -> `_bn_fwd_normalize_kernel` (reads x, writes y): floor + one read of x.
-    backward: `_bn_bwd_reduce_partial_kernel` (reads x, dy) -> `_bn_bwd_reduce_finalize_kernel` (dw, db)
-              -> `_bn_bwd_dx_kernel` (reads x, dy, writes dx): floor + one read of x and of dy. dx needs
-              the global sums and per-element x and dy, and those cannot stay on chip for tensors larger
-              than the GPU's registers+SMEM, so they are read again (torch's native kernels do the same).
-    eval forward: `_bn_fwd_normalize_kernel` alone: one read, one write.
-    eval backward: `_bn_bwd_reduce_partial_kernel` writes dx in the same pass (dx needs no global sum),
-              then the finalize: reads x and dy once, writes dx once.
+Passes and launches per plan (chosen by `kernels.launch`):
+    plan          train forward                         train backward                    traffic (x, dy)
+    single-pass   _bn_fwd_single (1 launch)              _bn_bwd_single (1)                read once: the floor
+    split         _bn_stats_partial -> _bn_stats_        _bn_grad_partial -> _bn_grad_     fwd reads x twice,
+                  finalize -> _bn_normalize (3)          finalize -> _bn_grad_input (3)    bwd x and dy twice
+    eval forward  _bn_normalize (1): one read, one write.
+    eval backward single-pass: _bn_bwd_single (1); split: _bn_grad_partial (writes dx too) -> _bn_grad_finalize.
+"single-pass": one program holds a channel block's whole column in registers. "split": grid (channel blocks,
+splits); each program walks the tiles t = split, split + K, ... of its channel block, so even C = 32 fills a
+132-SM GPU; dx needs the global sums before any element can be written, and x, dy do not fit on chip, so the
+split backward reads them again (torch's native kernels do the same).
+
+Tiles are [BLOCK_N, BLOCK_C, BLOCK_S] with any strides; the launcher sizes them so that the axis whose stride
+is 1 (c for (N, C) and channels-last, s for NCL) is the long one, which Triton then vectorises.
+Per-channel vectors (weight, bias, running stats) are read and written through their own strides.
+
+Imports: triton and kernels.activations only.
 """
 
 import triton
 import triton.language as tl
 
-from .activations import _act, _act_grad
+from .activations import _act, _grad_pre_activation
 
 
+# ------------------------------------------------------------------------------------------------ jit helpers
 @triton.jit
 def _tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile whose first (n, s) is (n0, s0)."""
+    """Pointers and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile whose first (n, s) is (n0, s0)."""
     n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: n * stride_n overflows int32 on large tensors
     s = s0 + tl.arange(0, BLOCK_S)
     offs = n[:, None, None] * stride_n + c_offs[None, :, None] * stride_c + s[None, None, :] * stride_s
     mask = (n[:, None, None] < N) & (c_offs[None, :, None] < C) & (s[None, None, :] < S)
     return ptr + offs, mask
+
+
+@triton.jit
+def _load_tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, ACC: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """A tile in ACC and its mask; masked lanes load 0 (each caller says why that is safe)."""
+    ptrs, mask = _tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S)
+    return tl.load(ptrs, mask=mask, other=0.0).to(ACC), mask
+
+
+@triton.jit
+def _store_tile(ptr, value, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s,
+                BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    ptrs, mask = _tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S)
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_origin(t, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(n0, s0) of tile t; tiles are numbered s-fastest over the (N, S) reduction plane."""
+    s_tiles = tl.cdiv(S, BLOCK_S)
+    return (t // s_tiles) * BLOCK_N, (t % s_tiles) * BLOCK_S
+
+
+@triton.jit
+def _num_tiles(N, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    return tl.cdiv(N, BLOCK_N) * tl.cdiv(S, BLOCK_S)
 
 
 @triton.jit
@@ -75,7 +109,7 @@ def _count(N, S, ACC: tl.constexpr):
 
 @triton.jit
 def _rsqrt_eps(var, eps, ACC: tl.constexpr):
-    """1/sqrt(var + eps) in ACC. eps arrives as float64 (see the kernels' `eps: tl.float64`): a Python float
+    """1/sqrt(var + eps) in ACC. eps arrives as float64 (the kernels' `eps: tl.float64`): a Python float
     passed plainly would be rounded to float32 and float64 inputs would lose precision."""
     v = var + tl.full([], eps, ACC)
     # sqrt_rn: IEEE sqrt for float32 (tl.sqrt may be approximate there); float64 sqrt is always exact.
@@ -89,64 +123,136 @@ def _rsqrt_eps(var, eps, ACC: tl.constexpr):
 def _channel_mean(x, mask, count):
     """sum(x)/count, then refined once by the mean of (x - first estimate).
 
-    A plain float32 sum drifts by a few ulps of the total, which for |mean| >> spread (mean 1e4, std 1) is
-    several ulps of the mean, and every xhat inherits it. The differences x - mean0 are exact (Sterbenz) and
-    small, so the correction is accurate and the mean comes out correctly rounded, like a float64 sum would.
+    A plain float32 sum drifts by a few ulps of the total, which for |mean| >> spread is several ulps of the
+    mean, and every xhat inherits it. The differences x - mean0 are exact (Sterbenz) and small, so the
+    correction is accurate and the mean comes out correctly rounded, like a float64 sum would.
     """
     mean0 = _channel_sum(x) / count
     return mean0 + _channel_sum(tl.where(mask, x - _bcast(mean0), 0.0)) / count
 
 
 @triton.jit
-def _load_channel_params(w_ptr, b_ptr, c_offs, C, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
-    c_mask = c_offs < C
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's parallel update of (count, mean, M2) by another group. The cross term is skipped, not
+    multiplied by 0, while the first group is empty: delta**2 may overflow, and inf * 0 is NaN."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    frac = n_b / tl.maximum(n, 1.0)
+    cross = tl.where(n_a > 0, delta * delta * (n_a * frac), 0.0)
+    return n, mean_a + delta * frac, m2_a + m2_b + cross
+
+
+@triton.jit
+def _load_vec(ptr, c_offs, C, stride, other, ACC: tl.constexpr):
+    """A per-channel vector (weight, bias, stats) through its stride (views and expanded tensors work)."""
+    return tl.load(ptr + c_offs * stride, mask=c_offs < C, other=other).to(ACC)
+
+
+@triton.jit
+def _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + c_offs, mask=c_mask, other=1.0).to(ACC)
+        w = _load_vec(w_ptr, c_offs, C, stride_w, 1.0, ACC)
     else:
         w = tl.full(c_offs.shape, 1.0, ACC)
     if HAS_BIAS:
-        b = tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
+        b = _load_vec(b_ptr, c_offs, C, stride_b, 0.0, ACC)
     else:
         b = tl.zeros(c_offs.shape, ACC)
     return w, b
 
 
 @triton.jit
-def _update_running_stats(
-    rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, mean, var, M, momentum,
-    CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
-):
-    # CUMULATIVE (momentum=None): f = 1/num_batches_tracked, read on device (no host sync), already incremented.
+def _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps,
+                STAT_IS_VAR: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Per-channel (mean, rstd): saved batch stats (STAT_IS_VAR=False) or running stats (eval, True)."""
+    mean = _load_vec(mean_ptr, c_offs, C, stride_mean, 0.0, ACC)
+    stat = _load_vec(stat_ptr, c_offs, C, stride_stat, 1.0, ACC)
+    if STAT_IS_VAR:
+        return mean, _rsqrt_eps(stat, eps, ACC)
+    else:
+        return mean, stat
+
+
+@triton.jit
+def _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C,
+                          stride_rm, stride_rv, stride_rmo, stride_rvo, mean, var, M, momentum,
+                          CUMULATIVE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """running <- (1-f)*running + f*batch, read from rm/rv, written to rm_out/rv_out (the same tensors when in
+    place). CUMULATIVE (momentum=None): f = 1/num_batches_tracked, read on device (no host sync), already
+    incremented by the module."""
     if CUMULATIVE:
         factor = 1.0 / tl.load(nbt_ptr).to(ACC)
     else:
         factor = tl.full([], momentum, ACC)
     c_mask = c_offs < C
-    rm = tl.load(rm_in_ptr + c_offs, mask=c_mask, other=0.0)
-    rv = tl.load(rv_in_ptr + c_offs, mask=c_mask, other=0.0)
+    rm = tl.load(rm_ptr + c_offs * stride_rm, mask=c_mask, other=0.0)
+    rv = tl.load(rv_ptr + c_offs * stride_rv, mask=c_mask, other=0.0)
     unbiased_var = var * (M / tl.maximum(M - 1.0, 1.0))  # M >= 2 is checked on the host
     new_rm = (1.0 - factor) * rm.to(ACC) + factor * mean
     new_rv = (1.0 - factor) * rv.to(ACC) + factor * unbiased_var
-    tl.store(rm_out_ptr + c_offs, new_rm.to(rm.dtype), mask=c_mask)
-    tl.store(rv_out_ptr + c_offs, new_rv.to(rv.dtype), mask=c_mask)
+    tl.store(rm_out_ptr + c_offs * stride_rmo, new_rm.to(rm.dtype), mask=c_mask)
+    tl.store(rv_out_ptr + c_offs * stride_rvo, new_rv.to(rv.dtype), mask=c_mask)
 
 
 @triton.jit
-def _bn_fwd_fused_kernel(
-    y_ptr, mean_ptr, rstd_ptr,  # outputs; mean/rstd in ACC, shape (C,)
-    x_ptr, w_ptr, b_ptr, rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
-    N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    eps: tl.float64, momentum: tl.float64, act_param,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+def _sum_rows(part_ptr, row0, num_rows, c_offs, C, BLOCK_ROWS: tl.constexpr, ACC: tl.constexpr):
+    """sum_k part[row0 + k, c] over k < num_rows, in a fixed order (deterministic)."""
+    total = tl.zeros(c_offs.shape, ACC)
+    for k0 in range(0, num_rows, BLOCK_ROWS):
+        k = k0 + tl.arange(0, BLOCK_ROWS)
+        mask = (k[:, None] < num_rows) & (c_offs[None, :] < C)
+        total += tl.sum(tl.load(part_ptr + (row0 + k[:, None]) * C + c_offs[None, :], mask=mask, other=0.0), axis=0)
+    return total
+
+
+# ----------------------------------------------------------------------------------------- forward kernels
+@triton.jit
+def _bn_fwd_single_kernel(
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,  # outputs; mean/rstd (C,) in ACC
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    rm_ptr,
+    rv_ptr,
+    rm_out_ptr,
+    rv_out_ptr,
+    nbt_ptr,
+    N,
+    C,
+    S,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_yn,
+    stride_yc,
+    stride_ys,
+    stride_w,
+    stride_b,
+    stride_rm,
+    stride_rv,
+    stride_rmo,
+    stride_rvo,
+    eps: tl.float64,
+    momentum: tl.float64,
+    act_param: tl.float64,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    """Training forward when a channel's whole column (N x S) fits one tile: x is read once."""
+    """Single-pass training forward: the channel block's whole column is one tile, x is read once."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    x_ptrs, mask = _tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)  # masked lanes load 0 and are masked out of the M2 sum
+    x, mask = _load_tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
     M = _count(N, S, ACC)
-    mean = _channel_mean(x, mask, M)
+    mean = _channel_mean(x, mask, M)  # masked lanes hold 0 and are masked out of the correction
     centered = tl.where(mask, x - _bcast(mean), 0.0)
     var = _channel_sum(centered * centered) / M
     rstd = _rsqrt_eps(var, eps, ACC)
@@ -154,275 +260,372 @@ def _bn_fwd_fused_kernel(
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
     tl.store(rstd_ptr + c_offs, rstd, mask=c_mask)
     if UPDATE_RUNNING:
-        _update_running_stats(
-            rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, mean, var, M, momentum, CUMULATIVE, ACC
-        )
-    w, b = _load_channel_params(w_ptr, b_ptr, c_offs, C, HAS_WEIGHT, HAS_BIAS, ACC)
-    z = centered * _bcast(rstd * w) + _bcast(b)
-    y = _act(z, ACTIVATION, act_param)
-    y_ptrs, _ = _tile(y_ptr, 0, 0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
+                              stride_rmo, stride_rvo, mean, var, M, momentum, CUMULATIVE, ACC)  # fmt: skip
+    w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
+    y = _act(centered * _bcast(rstd * w) + _bcast(b), ACTIVATION, act_param)
+    _store_tile(y_ptr, y, 0, 0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 
 
 @triton.jit
-def _bn_fwd_stats_partial_kernel(
-    part_cnt_ptr, part_mean_ptr, part_m2_ptr,  # outputs, (num_splits, C) in ACC
-    x_ptr, N, C, S, stride_xn, stride_xc, stride_xs,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+def _bn_stats_partial_kernel(
+    part_ptr,
+    shift_ptr,  # outputs: (3, K, C) count / mean of (x - shift) / M2, and shift (C,); ACC
+    x_ptr,
+    N,
+    C,
+    S,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    """Split stage 1: (count, mean, M2) of this split's tiles, tiles merged with Chan's formula."""
+    """Split stage 1: (count, mean, M2) of x - shift over this split's tiles, tiles merged with Chan's formula."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    s_tiles = tl.cdiv(S, BLOCK_S)
-    num_tiles = tl.cdiv(N, BLOCK_N) * s_tiles
+    shift = tl.load(x_ptr + c_offs * stride_xc, mask=c_mask, other=0.0).to(ACC)  # x[0, c, 0]
+    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)  # NaN/inf: no shift; the channel is NaN anyway
     cnt = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    for t in range(split, num_tiles, num_splits):
-        n0 = (t // s_tiles) * BLOCK_N
-        s0 = (t % s_tiles) * BLOCK_S
-        x_ptrs, mask = _tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
+    for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
+        n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
+        x, mask = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
+        x = tl.where(mask, x - _bcast(shift), 0.0)  # masked lanes: 0, outside every sum below
         tile_cnt = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(S - s0, BLOCK_S)).to(ACC)
         tile_mean = _channel_mean(x, mask, tile_cnt)
         d = tl.where(mask, x - _bcast(tile_mean), 0.0)
-        tile_m2 = _channel_sum(d * d)
-        new_cnt = cnt + tile_cnt
-        delta = tile_mean - mean
-        mean += delta * (tile_cnt / new_cnt)
-        m2 += tile_m2 + delta * delta * (cnt * tile_cnt / new_cnt)
-        cnt = new_cnt
-    out = split * C + c_offs
-    c_mask = c_offs < C
-    tl.store(part_cnt_ptr + out, cnt, mask=c_mask)
-    tl.store(part_mean_ptr + out, mean, mask=c_mask)
-    tl.store(part_m2_ptr + out, m2, mask=c_mask)
+        cnt, mean, m2 = _chan_merge(cnt, mean, m2, tile_cnt, tile_mean, _channel_sum(d * d))
+    row = split * C + c_offs
+    plane = num_splits * C
+    tl.store(part_ptr + row, cnt, mask=c_mask)
+    tl.store(part_ptr + plane + row, mean, mask=c_mask)
+    tl.store(part_ptr + 2 * plane + row, m2, mask=c_mask)
+    if split == 0:
+        tl.store(shift_ptr + c_offs, shift, mask=c_mask)
 
 
 @triton.jit
-def _bn_fwd_stats_finalize_kernel(
-    mean_ptr, rstd_ptr,  # outputs, (C,) in ACC
-    part_cnt_ptr, part_mean_ptr, part_m2_ptr, rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
-    C, num_splits, eps: tl.float64, momentum: tl.float64,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+def _bn_stats_finalize_kernel(
+    mean_ptr,
+    rstd_ptr,  # outputs, (C,) in ACC
+    part_ptr,
+    shift_ptr,
+    rm_ptr,
+    rv_ptr,
+    rm_out_ptr,
+    rv_out_ptr,
+    nbt_ptr,
+    C,
+    num_splits,
+    stride_rm,
+    stride_rv,
+    stride_rmo,
+    stride_rvo,
+    eps: tl.float64,
+    momentum: tl.float64,
+    UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Split stage 2: merge the splits in a fixed order (parallel formula), write mean/rstd, running stats."""
+    """Split stage 2: merge the K splits in a fixed order (parallel formula); mean, rstd, running stats."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
-    # Weighted mean of the split means, shifted by split 0's mean (split 0 always holds tile 0): the shifted
-    # terms are small and exact, so the merged mean stays correctly rounded when |mean| >> spread.
-    shift = tl.load(part_mean_ptr + c_offs, mask=c_mask, other=0.0)
-    total = tl.zeros([BLOCK_C], ACC)
-    weighted = tl.zeros([BLOCK_C], ACC)
+    total = _sum_rows(part_ptr, 0, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
+    safe_total = tl.maximum(total, 1.0)  # only masked channels (c >= C) are empty: keep them finite
+    # the partial means are relative to the shift: small numbers, so this weighted sum loses nothing to |mean|
+    mean_rel = tl.zeros([BLOCK_C], ACC)
     for k0 in range(0, num_splits, BLOCK_SPLITS):
         k = k0 + tl.arange(0, BLOCK_SPLITS)
         offs = k[:, None] * C + c_offs[None, :]
         mask = (k[:, None] < num_splits) & c_mask[None, :]
-        cnt = tl.load(part_cnt_ptr + offs, mask=mask, other=0.0)  # empty splits have count 0: they add nothing
-        total += tl.sum(cnt, axis=0)
-        part_mean = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
-        weighted += tl.sum(cnt * (part_mean - shift[None, :]), axis=0)
-    total = tl.maximum(total, 1.0)  # only masked channels (c >= C) have no values: keep them finite
-    mean = shift + weighted / total
+        cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)  # empty splits have count 0: they add nothing
+        mean_k = tl.load(part_ptr + num_splits * C + offs, mask=mask, other=0.0)
+        mean_rel += tl.sum(cnt * mean_k, axis=0)
+    mean_rel = mean_rel / safe_total
     m2 = tl.zeros([BLOCK_C], ACC)
     for k0 in range(0, num_splits, BLOCK_SPLITS):
         k = k0 + tl.arange(0, BLOCK_SPLITS)
         offs = k[:, None] * C + c_offs[None, :]
         mask = (k[:, None] < num_splits) & c_mask[None, :]
-        cnt = tl.load(part_cnt_ptr + offs, mask=mask, other=0.0)
-        d = tl.load(part_mean_ptr + offs, mask=mask, other=0.0) - mean[None, :]
-        m2 += tl.sum(tl.load(part_m2_ptr + offs, mask=mask, other=0.0) + cnt * d * d, axis=0)
-    var = m2 / total
+        cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        d = tl.load(part_ptr + num_splits * C + offs, mask=mask, other=0.0) - mean_rel[None, :]
+        m2_k = tl.load(part_ptr + 2 * num_splits * C + offs, mask=mask, other=0.0)
+        m2 += tl.sum(m2_k + tl.where(cnt > 0, cnt * d * d, 0.0), axis=0)
+    var = m2 / safe_total
+    mean = tl.load(shift_ptr + c_offs, mask=c_mask, other=0.0) + mean_rel
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
     tl.store(rstd_ptr + c_offs, _rsqrt_eps(var, eps, ACC), mask=c_mask)
     if UPDATE_RUNNING:
-        _update_running_stats(
-            rm_in_ptr, rv_in_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C,
-            mean, var, total, momentum, CUMULATIVE, ACC,
-        )
+        _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
+                              stride_rmo, stride_rvo, mean, var, safe_total, momentum, CUMULATIVE, ACC)  # fmt: skip
 
 
 @triton.jit
-def _load_stats(mean_ptr, stat_ptr, c_offs, C, eps, STAT_IS_VAR: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel (mean, rstd): saved batch stats (STAT_IS_VAR=False) or running stats (eval, True)."""
-    c_mask = c_offs < C
-    mean = tl.load(mean_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
-    stat = tl.load(stat_ptr + c_offs, mask=c_mask, other=1.0).to(ACC)
-    if STAT_IS_VAR:
-        rstd = _rsqrt_eps(stat, eps, ACC)
-    else:
-        rstd = stat
-    return mean, rstd
-
-
-@triton.jit
-def _bn_fwd_normalize_kernel(
+def _bn_normalize_kernel(
     y_ptr,  # output
-    x_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr,
-    N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    eps: tl.float64, act_param,
-    STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    stat_ptr,
+    N,
+    C,
+    S,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_yn,
+    stride_yc,
+    stride_ys,
+    stride_w,
+    stride_b,
+    stride_mean,
+    stride_stat,
+    eps: tl.float64,
+    act_param: tl.float64,
+    STAT_IS_VAR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Split stage 3 (train) and the whole eval forward: y = act((x - mean) * rstd * w + b), one pass."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, eps, STAT_IS_VAR, ACC)
-    w, b = _load_channel_params(w_ptr, b_ptr, c_offs, C, HAS_WEIGHT, HAS_BIAS, ACC)
+    mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps, STAT_IS_VAR, ACC)
+    w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
     # (x - mean) * scale + b, not x * scale + (b - mean * scale): the folded form cancels catastrophically
     # when |mean| >> spread (mean 1e4, std 1 loses 3 digits); the subtraction is exact there (Sterbenz).
     scale = _bcast(rstd * w)
-    s_tiles = tl.cdiv(S, BLOCK_S)
-    num_tiles = tl.cdiv(N, BLOCK_N) * s_tiles
-    for t in range(split, num_tiles, num_splits):
-        n0 = (t // s_tiles) * BLOCK_N
-        s0 = (t % s_tiles) * BLOCK_S
-        x_ptrs, mask = _tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
+    for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
+        n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
+        x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
         y = _act((x - _bcast(mean)) * scale + _bcast(b), ACTIVATION, act_param)
-        y_ptrs, _ = _tile(y_ptr, n0, s0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        _store_tile(y_ptr, y, n0, s0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 
 
-# Backward, column fits (one pass over x and dy):
-#   xhat = (x-mean)*rstd   z = w*xhat + b   g = dy*act'(z)   db = sum(g)   dw = sum(g*xhat)
-#   train: dx = w*rstd * (g - (db + xhat*dw)/M)       eval: dx = w*rstd * g
+# ---------------------------------------------------------------------------------------- backward kernels
 @triton.jit
-def _bn_bwd_fused_kernel(
-    dx_ptr, dw_ptr, db_ptr,  # outputs; dw/db in the parameters' dtype
-    x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr,
-    N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
-    eps: tl.float64, act_param,
-    TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+def _bn_bwd_single_kernel(
+    dx_ptr,
+    dw_ptr,
+    db_ptr,  # outputs; dw/db (C,) in the parameters' dtype
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    stat_ptr,
+    N,
+    C,
+    S,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_dyn,
+    stride_dyc,
+    stride_dys,
+    stride_dxn,
+    stride_dxc,
+    stride_dxs,
+    stride_w,
+    stride_b,
+    stride_mean,
+    stride_stat,
+    eps: tl.float64,
+    act_param: tl.float64,
+    TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
+    """Single-pass backward: x and dy read once. Eval (TRAINING=False) reads the running stats (var, not rstd)."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
-    mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, eps, STAT_IS_VAR, ACC)
-    w, b = _load_channel_params(w_ptr, b_ptr, c_offs, C, HAS_WEIGHT, HAS_BIAS, ACC)
-    x_ptrs, mask = _tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
-    dy_ptrs, _ = _tile(dy_ptr, 0, 0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, BLOCK_N, BLOCK_S)
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(ACC)  # dy = 0 on masked lanes: they add nothing to the sums
+    mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps, not TRAINING, ACC)
+    w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
+    x, mask = _load_tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
+    dy, _ = _load_tile(dy_ptr, 0, 0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N, BLOCK_S)
     xhat = (x - _bcast(mean)) * _bcast(rstd)
-    g = dy * _act_grad(xhat * _bcast(w) + _bcast(b), ACTIVATION, act_param)
-    db = _channel_sum(g)
-    dw = _channel_sum(g * xhat)
+    g = _grad_pre_activation(dy, xhat, _bcast(w), _bcast(b), ACTIVATION, act_param)  # dy = 0 on masked lanes
+    sum_g = _channel_sum(g)
+    sum_gx = _channel_sum(g * xhat)
     if COMPUTE_DW:
-        tl.store(dw_ptr + c_offs, dw.to(dw_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(dw_ptr + c_offs, sum_gx.to(dw_ptr.dtype.element_ty), mask=c_mask)
     if COMPUTE_DB:
-        tl.store(db_ptr + c_offs, db.to(db_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(db_ptr + c_offs, sum_g.to(db_ptr.dtype.element_ty), mask=c_mask)
     if COMPUTE_DX:
         if TRAINING:
             M = _count(N, S, ACC)
-            dx = _bcast(w * rstd) * (g - (_bcast(db) + xhat * _bcast(dw)) / M)
+            dx = _bcast(w * rstd) * (g - (_bcast(sum_g) + xhat * _bcast(sum_gx)) / M)
         else:
             dx = _bcast(w * rstd) * g
-        dx_ptrs, _ = _tile(dx_ptr, 0, 0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
-        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _store_tile(dx_ptr, dx, 0, 0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
 
 
-# Backward, split stage 1: per split, sum(g) and sum(g*xhat) with g = dy*act'(w*xhat + b).
-# Eval (TRAINING=False): dx = w*rstd*g needs no global sum, so it is written here, in the same pass.
 @triton.jit
-def _bn_bwd_reduce_partial_kernel(
-    part_db_ptr, part_dw_ptr, dx_ptr,  # outputs; partials (num_splits, C) in ACC
-    x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr,
-    N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
-    eps: tl.float64, act_param,
-    TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COMPUTE_DX: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+def _bn_grad_partial_kernel(
+    part_ptr,
+    dx_ptr,  # outputs: (2, K, C) sum g / sum g*xhat in ACC; dx only in eval
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    stat_ptr,
+    N,
+    C,
+    S,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_dyn,
+    stride_dyc,
+    stride_dys,
+    stride_dxn,
+    stride_dxc,
+    stride_dxs,
+    stride_w,
+    stride_b,
+    stride_mean,
+    stride_stat,
+    eps: tl.float64,
+    act_param: tl.float64,
+    TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
+    """Backward split stage 1: per split, sum g and sum g*xhat. Eval: dx = w*rstd*g needs no global sum, so it
+    is written here, in the same pass."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, eps, STAT_IS_VAR, ACC)
-    w, b = _load_channel_params(w_ptr, b_ptr, c_offs, C, HAS_WEIGHT, HAS_BIAS, ACC)
-    db = tl.zeros([BLOCK_C], ACC)
-    dw = tl.zeros([BLOCK_C], ACC)
-    s_tiles = tl.cdiv(S, BLOCK_S)
-    num_tiles = tl.cdiv(N, BLOCK_N) * s_tiles
-    for t in range(split, num_tiles, num_splits):
-        n0 = (t // s_tiles) * BLOCK_N
-        s0 = (t % s_tiles) * BLOCK_S
-        x_ptrs, mask = _tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
-        dy_ptrs, _ = _tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, BLOCK_N, BLOCK_S)
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(ACC)  # dy = 0 on masked lanes: they add nothing
+    mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps, not TRAINING, ACC)
+    w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
+    sum_g = tl.zeros([BLOCK_C], ACC)
+    sum_gx = tl.zeros([BLOCK_C], ACC)
+    for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
+        n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
+        x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
+        dy, _ = _load_tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N,
+                           BLOCK_S)  # fmt: skip
         xhat = (x - _bcast(mean)) * _bcast(rstd)
-        g = dy * _act_grad(xhat * _bcast(w) + _bcast(b), ACTIVATION, act_param)
-        db += _channel_sum(g)
-        dw += _channel_sum(g * xhat)
+        g = _grad_pre_activation(dy, xhat, _bcast(w), _bcast(b), ACTIVATION, act_param)  # 0 on masked lanes
+        sum_g += _channel_sum(g)
+        sum_gx += _channel_sum(g * xhat)
         if not TRAINING:
             if COMPUTE_DX:
-                dx_ptrs, _ = _tile(
-                    dx_ptr, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S
-                )
-                tl.store(dx_ptrs, (_bcast(w * rstd) * g).to(dx_ptr.dtype.element_ty), mask=mask)
-    out = split * C + c_offs
+                dx = _bcast(w * rstd) * g
+                _store_tile(dx_ptr, dx, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
+    row = split * C + c_offs
     c_mask = c_offs < C
-    tl.store(part_db_ptr + out, db, mask=c_mask)
-    tl.store(part_dw_ptr + out, dw, mask=c_mask)
+    tl.store(part_ptr + row, sum_g, mask=c_mask)
+    tl.store(part_ptr + num_splits * C + row, sum_gx, mask=c_mask)
 
 
 @triton.jit
-def _bn_bwd_reduce_finalize_kernel(
-    db_ptr, dw_ptr,  # outputs (C,), ACC: the dx kernel reads them at full precision
-    part_db_ptr, part_dw_ptr, C, num_splits,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+def _bn_grad_finalize_kernel(
+    sums_ptr,
+    dw_ptr,
+    db_ptr,  # outputs: (2, C) sum g / sum g*xhat in ACC (for dx); dw, db in the params' dtype
+    part_ptr,
+    C,
+    num_splits,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Backward split stage 2: db = sum_k part_db[k], dw = sum_k part_dw[k], in a fixed order."""
+    """Backward split stage 2: the K partial sums, in a fixed order."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
-    db = tl.zeros([BLOCK_C], part_db_ptr.dtype.element_ty)
-    dw = tl.zeros([BLOCK_C], part_dw_ptr.dtype.element_ty)
-    for k0 in range(0, num_splits, BLOCK_SPLITS):
-        k = k0 + tl.arange(0, BLOCK_SPLITS)
-        offs = k[:, None] * C + c_offs[None, :]
-        mask = (k[:, None] < num_splits) & c_mask[None, :]
-        db += tl.sum(tl.load(part_db_ptr + offs, mask=mask, other=0.0), axis=0)
-        dw += tl.sum(tl.load(part_dw_ptr + offs, mask=mask, other=0.0), axis=0)
-    tl.store(db_ptr + c_offs, db, mask=c_mask)
-    tl.store(dw_ptr + c_offs, dw, mask=c_mask)
+    sum_g = _sum_rows(part_ptr, 0, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
+    sum_gx = _sum_rows(part_ptr, num_splits, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
+    tl.store(sums_ptr + c_offs, sum_g, mask=c_mask)
+    tl.store(sums_ptr + C + c_offs, sum_gx, mask=c_mask)
+    if COMPUTE_DW:
+        tl.store(dw_ptr + c_offs, sum_gx.to(dw_ptr.dtype.element_ty), mask=c_mask)
+    if COMPUTE_DB:
+        tl.store(db_ptr + c_offs, sum_g.to(db_ptr.dtype.element_ty), mask=c_mask)
 
 
-# Backward, split stage 3 (train): dx = w*rstd * (g - (db + xhat*dw)/M), elementwise with the global db, dw.
 @triton.jit
-def _bn_bwd_dx_kernel(
+def _bn_grad_input_kernel(
     dx_ptr,  # output
-    x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, db_ptr, dw_ptr,
-    N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
-    act_param,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    rstd_ptr,
+    sums_ptr,
+    N,
+    C,
+    S,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_dyn,
+    stride_dyc,
+    stride_dys,
+    stride_dxn,
+    stride_dxc,
+    stride_dxs,
+    stride_w,
+    stride_b,
+    inv_count: tl.float64,
+    act_param: tl.float64,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
+    """Backward split stage 3 (train): dx = w*rstd * (g - (sum_g + xhat*sum_gx) * inv_count), elementwise.
+    inv_count = 1/M; SyncBatchNorm passes the global count's."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    mean, rstd = _load_stats(mean_ptr, rstd_ptr, c_offs, C, 0.0, False, ACC)
-    w, b = _load_channel_params(w_ptr, b_ptr, c_offs, C, HAS_WEIGHT, HAS_BIAS, ACC)
-    inv_m = 1.0 / _count(N, S, ACC)
-    db_over_m = _bcast(tl.load(db_ptr + c_offs, mask=c_mask, other=0.0) * inv_m)
-    dw_over_m = _bcast(tl.load(dw_ptr + c_offs, mask=c_mask, other=0.0) * inv_m)
-    s_tiles = tl.cdiv(S, BLOCK_S)
-    num_tiles = tl.cdiv(N, BLOCK_N) * s_tiles
-    for t in range(split, num_tiles, num_splits):
-        n0 = (t // s_tiles) * BLOCK_N
-        s0 = (t % s_tiles) * BLOCK_S
-        x_ptrs, mask = _tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_N, BLOCK_S)
-        dy_ptrs, _ = _tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, BLOCK_N, BLOCK_S)
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(ACC)
+    mean, rstd = _load_stats(mean_ptr, rstd_ptr, c_offs, C, 1, 1, 0.0, False, ACC)
+    w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
+    inv_m = tl.full([], inv_count, ACC)
+    mean_g = _bcast(tl.load(sums_ptr + c_offs, mask=c_mask, other=0.0) * inv_m)
+    mean_gx = _bcast(tl.load(sums_ptr + C + c_offs, mask=c_mask, other=0.0) * inv_m)
+    for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
+        n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
+        x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
+        dy, _ = _load_tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N,
+                           BLOCK_S)  # fmt: skip
         xhat = (x - _bcast(mean)) * _bcast(rstd)
-        g = dy * _act_grad(xhat * _bcast(w) + _bcast(b), ACTIVATION, act_param)
-        dx = _bcast(w * rstd) * (g - db_over_m - xhat * dw_over_m)
-        dx_ptrs, _ = _tile(dx_ptr, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
-        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        g = _grad_pre_activation(dy, xhat, _bcast(w), _bcast(b), ACTIVATION, act_param)
+        dx = _bcast(w * rstd) * (g - mean_g - xhat * mean_gx)
+        _store_tile(dx_ptr, dx, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)

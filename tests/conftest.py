@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 from parity import DEVICE  # noqa: E402
 
-import bnfast.kernels.launchers as launchers  # noqa: E402
+import bnfast  # noqa: E402
 
 
 @pytest.fixture
@@ -20,10 +20,9 @@ def device():
     return DEVICE
 
 
-@pytest.fixture(params=["column_fits", "split"])
-def kernel_path(request, monkeypatch):
-    """Run a test on both launch plans: one program per column, and the split reduction with many small tiles."""
-    if request.param == "split":
-        monkeypatch.setattr(launchers, "FUSED_MAX_ELEMENTS", 0)
-        monkeypatch.setattr(launchers, "TILE_ELEMENTS", 64)
-    return request.param
+@pytest.fixture(params=["single", "split"])
+def kernel_path(request):
+    """Run a test on both launch plans: single-pass (one program per channel block's column), and the split
+    reduction with many small tiles (64 elements: several splits and tiles on the tests' small shapes)."""
+    with bnfast.testing.force_plan(request.param, tile_elements=64 if request.param == "split" else None):
+        yield request.param

@@ -114,5 +114,3 @@ def random_input(shape, dtype=torch.float32, *, loc=0.0, scale=1.0, seed=0):
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + loc
     dy = torch.randn(shape, generator=gen, dtype=torch.float64)
     return x.to(DEVICE, dtype), dy.to(DEVICE, dtype)
-
-

@@ -18,7 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 import bnfast
 from bnfast import ops
 
-OPS = ("bnfast.batch_norm_fwd", "bnfast.batch_norm_eval", "bnfast.batch_norm_bwd")
+OPS = ("bnfast.batch_norm.default", "bnfast.batch_norm_backward")
 
 
 @pytest.fixture(autouse=True)
@@ -112,8 +112,7 @@ def test_compiled_matches_eager(device, case, shape):
         assert b is buffers[name][0] and b.data_ptr() == buffers[name][1], name
     if graphs and bnfast.uses_triton(xs[0]):  # aot_eager: forward and backward graphs, train and eval
         code = "\n".join(graphs)
-        expected = OPS if model[1].track_running_stats else ("bnfast.batch_norm_fwd", "bnfast.batch_norm_bwd")
-        assert all(op in code for op in expected), code
+        assert all(op in code for op in OPS), code
 
 
 def test_compiled_split_plan(device, kernel_path):
@@ -134,8 +133,7 @@ def test_no_graph_break(device, training):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     if bnfast.uses_triton(x):
-        op = "bnfast.batch_norm_fwd" if training else "bnfast.batch_norm_eval"
-        assert op in explanation.graphs[0].code
+        assert "bnfast.batch_norm" in explanation.graphs[0].code
 
 
 def test_dynamic_batch_size(device):
@@ -170,18 +168,18 @@ def op_inputs(device, shape, dtype, affine=True):
 
 
 def opcheck_all(device, shape, dtype, affine=True, activation=("relu", 0.0), mask=(True, True, True)):
-    """opcheck every op: training forward, eval forward, and the backward of each."""
+    """opcheck the op in training and eval, and the backward op after each."""
     x, w, b, rm, rv = op_inputs(device, shape, dtype, affine)
     need_kernels(x)
     nbt = torch.tensor(3, device=device)
-    torch.library.opcheck(ops.batch_norm_fwd, (x, w, b, rm, rv, nbt, 0.1, False, 1e-5, *activation))
-    torch.library.opcheck(ops.batch_norm_eval, (x, w, b, rm, rv, 1e-5, *activation))
+    for training in (True, False):
+        torch.library.opcheck(ops.batch_norm_op, (x, w, b, rm, rv, nbt, training, 0.1, False, 1e-5, *activation))
     x, w, b = (t.detach() if t is not None else None for t in (x, w, b))  # the backward op has no autograd
     dy = torch.randn_like(x)
-    _, mean, rstd, _, _ = ops.batch_norm_fwd(x, w, b, None, None, None, 0.1, False, 1e-5, *activation)
+    _, mean, rstd, _, _ = ops.batch_norm_op(x, w, b, None, None, None, True, 0.1, False, 1e-5, *activation)
     for training, stats in ((True, (mean, rstd)), (False, (rm, rv))):
         args = (dy, x, w, b, *stats, training, 1e-5, *activation, list(mask))
-        torch.library.opcheck(ops.batch_norm_bwd, args)
+        torch.library.opcheck(ops.batch_norm_backward_op, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
@@ -196,12 +194,13 @@ def test_opcheck_variants(device, kernel_path):
     x, w, b, rm, rv = op_inputs(device, (4, 3, 5), torch.float32)
     need_kernels(x)
     nbt = torch.tensor(2, device=device)
-    torch.library.opcheck(ops.batch_norm_fwd, (x, w, b, rm, rv, nbt, 0.0, True, 1e-5, "elu", 1.0))
-    torch.library.opcheck(ops.batch_norm_fwd, (x, w, b, None, None, None, 0.1, False, 1e-5, "", 0.0))
-    x, w, b = x.detach(), w.detach(), b.detach()  # the backward op has no autograd formula (no double backward)
-    _, mean, rstd, _, _ = ops.batch_norm_fwd(x, w, b, None, None, None, 0.1, False, 1e-5, "", 0.0)
+    torch.library.opcheck(ops.batch_norm_op, (x, w, b, rm, rv, nbt, True, 0.0, True, 1e-5, "elu", 1.0))
+    torch.library.opcheck(ops.batch_norm_op, (x, w, b, None, None, None, True, 0.1, False, 1e-5, "", 0.0))
+    x, w, b = x.detach(), w.detach(), b.detach()
+    _, mean, rstd, _, _ = ops.batch_norm_op(x, w, b, None, None, None, True, 0.1, False, 1e-5, "", 0.0)
     dy = torch.randn_like(x)
-    torch.library.opcheck(ops.batch_norm_bwd, (dy, x, w, b, mean, rstd, True, 1e-5, "", 0.0, [False, True, True]))
+    args = (dy, x, w, b, mean, rstd, True, 1e-5, "", 0.0, [False, True, True])
+    torch.library.opcheck(ops.batch_norm_backward_op, args)
 
 
 def test_fwd_op_is_functional(device):
@@ -210,12 +209,18 @@ def test_fwd_op_is_functional(device):
     need_kernels(x)
     rm0, rv0 = rm.clone(), rv.clone()
     nbt = torch.tensor(4, device=device)
-    y, mean, rstd, new_rm, new_rv = ops.batch_norm_fwd(x, w, b, rm, rv, nbt, 0.0, True, 1e-5, "", 0.0)
+    y, mean, rstd, new_rm, new_rv = ops.batch_norm_op(x, w, b, rm, rv, nbt, True, 0.0, True, 1e-5, "", 0.0)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
     torch.testing.assert_close(new_rm, 0.75 * rm0 + 0.25 * x.detach().mean(0))
     torch.testing.assert_close(new_rv, 0.75 * rv0 + 0.25 * x.detach().var(0))
-    _, _, _, none_rm, none_rv = ops.batch_norm_fwd(x, w, b, None, None, None, 0.1, False, 1e-5, "", 0.0)
+    _, _, _, none_rm, none_rv = ops.batch_norm_op(x, w, b, None, None, None, True, 0.1, False, 1e-5, "", 0.0)
     assert none_rm.numel() == 0 and none_rv.numel() == 0
+
+
+def test_eager_and_traced_entries_share_setup_and_backward():
+    """One autograd implementation: the eager Function and the op's registration use the same functions."""
+    assert ops.BatchNormFunction.setup_context is ops._setup_context
+    assert ops.BatchNormFunction.backward is ops._backward
 
 
 # ---- torch.export and fake tensors ----
@@ -230,7 +235,7 @@ def test_export_eval_model(device):
     x = torch.randn(8, 4, device=device)
     exported = torch.export.export(model, (x,))
     if bnfast.uses_triton(x):
-        assert "bnfast.batch_norm_eval" in exported.graph_module.code
+        assert "bnfast.batch_norm" in exported.graph_module.code
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
     buffer.seek(0)

@@ -1,0 +1,366 @@
+"""Host side of the BatchNorm kernels: view as (N, C, S), allocate, pick meta-parameters, launch; one stage each.
+
+Every stage runs in the same order: view, allocate, `launch_config` (memoised), launch. The stages are the
+units that SyncBatchNorm puts collectives between and that BatchNorm2d/3d reuse; `bn_fwd` / `bn_bwd`
+compose them into the two launch plans (see kernels/batch_norm.py for the math, the partials' format and
+the passes):
+
+    forward   single-pass: forward_single                     split: stats_partial -> stats_finalize -> normalize
+    eval fwd  normalize (running stats)
+    backward  single-pass: backward_single                    split: grad_partial -> grad_finalize -> grad_input
+    eval bwd  single-pass: backward_single                    split: grad_partial (+ dx) -> grad_finalize
+
+Inputs are validated by `bnfast.functional` (shapes, dtypes, M >= 2 in training). `as_ncs` views any 2-D to
+5-D tensor as (N, C, S) without copying when its spatial dims can be merged, and `launch_config` picks the
+tile's long axis from the strides: C when stride_c == 1 ((N, C), channels_last, a transposed (N, L, C)),
+S otherwise (NCL, NCHW). The host path is lean on purpose (a layer of the MNIST model computes for ~3 us on a
+GPU): the configuration is memoised on plain integers, and nothing is allocated beyond outputs and workspace.
+
+Tests and tools steer the plan through `bnfast.testing.force_plan` (it sets `PLAN_OVERRIDE` and clears the
+cache), and record launches by swapping the kernels on `kernels.batch_norm` (stages look them up there).
+
+Imports: torch, triton, kernels.batch_norm, kernels.activations.
+"""
+
+import dataclasses
+import functools
+
+import torch
+import triton.language as tl
+
+from . import batch_norm as _k
+from .activations import ACTIVATIONS
+
+SINGLE_MAX_ELEMENTS = 4096  # a single-pass tile: <= 16 values per thread at 8 warps, no spills in the backward
+TILE_ELEMENTS = 4096  # streaming tile of the split kernels: 16 KiB of float32 per program per iteration
+MAX_BLOCK_S = 512
+MAX_BLOCK_C = 64  # C-fast tiles: 64 channels = 256 B of float32 per row, 16 lanes x 128 bits
+PROGRAMS_PER_SM = 4  # split until about this many programs per SM, to have enough bytes in flight
+MAX_SPLITS = 1024  # bounds the (K, C) workspace and the finalize loop
+FINALIZE_BLOCK_SPLITS = 32
+FINALIZE_BLOCK_C = 32
+CPU_SM_COUNT = 4  # stands in for the SM count under the interpreter, so CPU tests exercise several splits
+PLAN_OVERRIDE: tuple[str, int | None] | None = None  # ("single" | "split", tile_elements): bnfast.testing
+
+
+def is_interpreted() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return type(_k._bn_fwd_single_kernel).__name__ == "InterpretedFunction"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    plan: str  # "single" (one program holds a channel block's whole column) or "split"
+    BLOCK_N: int
+    BLOCK_C: int
+    BLOCK_S: int
+    num_splits: int  # K, programs along the reduction; 1 for "single"
+    num_warps: int
+    grid: tuple[int, int]  # (channel blocks, K)
+
+
+def _pow2(n: int) -> int:
+    """next power of two >= n, in plain integer math (triton.next_power_of_2 costs ~2.8 us a call)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _num_warps(tile_elements: int) -> int:
+    return max(1, min(8, tile_elements // 256))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_SM_COUNT
+
+
+@functools.lru_cache(maxsize=4096)
+def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, override=None) -> LaunchConfig:
+    """Tile shape, split count, warps and grid for x viewed as (N, C, S). Memoised: called on every launch.
+
+    c_fast: stride_c == 1, so the tile's long axis is C (>= 16 channels when there are that many: 128-bit
+    accesses); otherwise S (BLOCK_S = next_pow2(S) up to MAX_BLOCK_S). widen = 2 halves the elements per tile
+    for kernels whose registers per value are about double (`register_widening`). The plan is single-pass when a
+    program can hold all N*S values of its channel block in SINGLE_MAX_ELEMENTS; otherwise the reduction is
+    split so that channel blocks x splits ~ PROGRAMS_PER_SM * SMs, which fills the GPU even for C = 32.
+    `override` (from bnfast.testing.force_plan) forces the plan and caps the split tile.
+    """
+    single_max, tile = SINGLE_MAX_ELEMENTS // widen, TILE_ELEMENTS // widen
+    if override is not None:
+        single_max = single_max if override[0] == "single" else 0
+        tile = override[1] or tile
+    pow2_n, pow2_c, pow2_s = _pow2(N), _pow2(C), _pow2(S)
+    min_block_c = min(pow2_c, 16) if c_fast else 1
+    column = pow2_n * pow2_s
+    if column * min_block_c <= single_max or (override is not None and override[0] == "single"):
+        spread_c = _pow2(_cdiv(C, sms))  # one channel block per SM when C is large
+        block_c = max(min_block_c, min(single_max // column, spread_c, pow2_c))
+        tile_elems = column * block_c
+        return LaunchConfig("single", pow2_n, block_c, pow2_s, 1, _num_warps(tile_elems * widen),
+                            (_cdiv(C, block_c), 1))  # fmt: skip
+    if c_fast:  # long axis C, then rows along s (contiguous in channels_last), then n
+        block_c = min(pow2_c, MAX_BLOCK_C, max(1, tile))
+        block_s = min(pow2_s, max(1, tile // block_c))
+    else:  # long axis S; a few channels per tile when S is short
+        block_s = min(pow2_s, MAX_BLOCK_S, max(1, tile))
+        block_c = min(pow2_c, max(1, tile // (4 * block_s)))
+    block_n = max(1, min(pow2_n, tile // (block_s * block_c)))
+    num_tiles = _cdiv(N, block_n) * _cdiv(S, block_s)
+    c_blocks = _cdiv(C, block_c)
+    num_splits = max(1, min(num_tiles, MAX_SPLITS, _cdiv(PROGRAMS_PER_SM * sms, c_blocks)))
+    return LaunchConfig("split", block_n, block_c, block_s, num_splits,
+                        _num_warps(block_n * block_c * block_s * widen), (c_blocks, num_splits))  # fmt: skip
+
+
+def register_widening(acc: torch.dtype, activation: str = "", backward: bool = False) -> int:
+    """2 where a value needs about twice the registers (float64 ACC; a heavy activation's backward), else 1.
+    Full-size tiles there need 255 registers and spill; half-size ones compile with no spill."""
+    heavy = acc == torch.float64 or (backward and activation and ACTIVATIONS[activation].heavy_backward)
+    return 2 if heavy else 1
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise (16-bit inputs included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def is_transposed_2d(x: torch.Tensor) -> bool:
+    """A 2-D (N, C) tensor whose N axis is the contiguous one (a transposed (C, N))."""
+    return x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1 and x.shape[0] > 1
+
+
+def as_ncs(t: torch.Tensor, transposed_2d: bool = False) -> torch.Tensor:
+    """t (N, C, *spatial) as (N, C, S): a view whenever the spatial dims merge (contiguous, channels_last,
+    any (N, C) or (N, C, L)), a copy otherwise. With `transposed_2d` (decided once, on x, by
+    `is_transposed_2d`, and applied to y, dy and dx alike) a 2-D tensor becomes (1, C, N): x's unit stride
+    lands on S, and M = N * S is unchanged."""
+    if t.dim() == 2:
+        return t.t().unsqueeze(0) if transposed_2d else t.unsqueeze(-1)
+    if t.dim() == 3:
+        return t
+    try:
+        return t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:  # spatial dims that cannot be merged (a permuted or sliced 4-D/5-D tensor)
+        return t.contiguous().view(t.shape[0], t.shape[1], -1)
+
+
+def new_output(x: torch.Tensor) -> torch.Tensor:
+    """An output like torch's batch_norm allocates it: channels_last for a channels_last 4-D/5-D input,
+    contiguous otherwise."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.empty_like(x, memory_format=torch.channels_last_3d)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def config_for(x3: torch.Tensor, widen: int) -> LaunchConfig:
+    N, C, S = x3.shape
+    c_fast = x3.stride(1) == 1 and C > 1 and (S == 1 or x3.stride(2) != 1)
+    return launch_config(N, C, S, c_fast, widen, _sm_count(x3.device), PLAN_OVERRIDE)
+
+
+def _stat_pair(C, dtype, device):
+    """mean and rstd: two allocations, not rows of one (they are op outputs, which must not alias)."""
+    return torch.empty(C, dtype=dtype, device=device), torch.empty(C, dtype=dtype, device=device)
+
+
+def _vec_stride(t: torch.Tensor | None) -> int:
+    return t.stride(0) if t is not None else 0
+
+
+# --------------------------------------------------------------------------------------------- forward stages
+def forward_single(x3, y3, w, b, running, nbt, cfg, *, eps, momentum, cumulative, activation, act_param):
+    """Single-pass training forward into y3. `running` = (rm, rv, rm_out, rv_out) or None. Returns (mean, rstd)."""
+    N, C, S = x3.shape
+    acc = acc_dtype(x3.dtype)
+    mean, rstd = _stat_pair(C, acc, x3.device)
+    rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)  # dummies: never read
+    _k._bn_fwd_single_kernel[cfg.grid](
+        y3, mean, rstd, x3, _or(w, x3), _or(b, x3), rm, rv, rm_out, rv_out, _or(nbt, mean),
+        N, C, S, *x3.stride(), *y3.stride(), _vec_stride(w), _vec_stride(b),
+        rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum, act_param,
+        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, UPDATE_RUNNING=running is not None,
+        CUMULATIVE=cumulative, ACTIVATION=activation, ACC=_TL[acc],
+        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return mean, rstd
+
+
+def stats_partial(x3, cfg):
+    """Split stage 1: (part (3, K, C), shift (C,)) in ACC, the format in kernels/batch_norm.py."""
+    N, C, S = x3.shape
+    acc = acc_dtype(x3.dtype)
+    part = torch.empty((3, cfg.num_splits, C), dtype=acc, device=x3.device)
+    shift = torch.empty(C, dtype=acc, device=x3.device)
+    _k._bn_stats_partial_kernel[cfg.grid](
+        part, shift, x3, N, C, S, *x3.stride(), ACC=_TL[acc],
+        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return part, shift
+
+
+def stats_finalize(part, shift, running, nbt, *, eps, momentum, cumulative):
+    """Split stage 2: merge the K rows of `part` in order; (mean, rstd) in ACC, running stats updated."""
+    C = part.shape[2]
+    mean, rstd = _stat_pair(C, part.dtype, part.device)
+    rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)
+    _k._bn_stats_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
+        mean, rstd, part, shift, rm, rv, rm_out, rv_out, _or(nbt, mean), C, part.shape[1],
+        rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum,
+        UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, ACC=_TL[part.dtype],
+        BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS, BLOCK_C=FINALIZE_BLOCK_C,
+    )  # fmt: skip
+    return mean, rstd
+
+
+def normalize(x3, y3, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param):
+    """y3 = act((x - mean) * rstd * w + b); `stat` is rstd, or the running variance when stat_is_var (eval)."""
+    N, C, S = x3.shape
+    _k._bn_normalize_kernel[cfg.grid](
+        y3, x3, _or(w, x3), _or(b, x3), mean, stat, N, C, S, *x3.stride(), *y3.stride(),
+        _vec_stride(w), _vec_stride(b), mean.stride(0), stat.stride(0), eps, act_param,
+        STAT_IS_VAR=stat_is_var, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, ACTIVATION=activation,
+        ACC=_TL[acc_dtype(x3.dtype)], BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------- backward stages
+def backward_single(dy3, x3, dx3, w, b, mean, stat, dw, db, cfg, *, training, eps, activation, act_param):
+    """Single-pass backward into dx3 (None: not needed), dw, db (None: not needed)."""
+    N, C, S = x3.shape
+    _k._bn_bwd_single_kernel[cfg.grid](
+        _or(dx3, x3), _or(dw, x3), _or(db, x3), x3, dy3, _or(w, x3), _or(b, x3), mean, stat,
+        N, C, S, *x3.stride(), *dy3.stride(), *_or(dx3, x3).stride(), _vec_stride(w), _vec_stride(b),
+        mean.stride(0), stat.stride(0), eps, act_param,
+        TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
+        COMPUTE_DX=dx3 is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+        ACTIVATION=activation, ACC=_TL[acc_dtype(x3.dtype)],
+        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    )  # fmt: skip
+
+
+def grad_partial(dy3, x3, w, b, mean, stat, cfg, *, training, eps, activation, act_param, dx3=None):
+    """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx3 if given."""
+    N, C, S = x3.shape
+    acc = acc_dtype(x3.dtype)
+    part = torch.empty((2, cfg.num_splits, C), dtype=acc, device=x3.device)
+    _k._bn_grad_partial_kernel[cfg.grid](
+        part, _or(dx3, x3), x3, dy3, _or(w, x3), _or(b, x3), mean, stat,
+        N, C, S, *x3.stride(), *dy3.stride(), *_or(dx3, x3).stride(), _vec_stride(w), _vec_stride(b),
+        mean.stride(0), stat.stride(0), eps, act_param,
+        TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
+        COMPUTE_DX=dx3 is not None and not training, ACTIVATION=activation, ACC=_TL[acc],
+        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return part
+
+
+def grad_finalize(part, dw=None, db=None):
+    """Backward split stage 2: sums (2, C) in ACC (sum g, sum g*xhat, for grad_input); also writes dweight
+    and dbias (in their own dtype) when given."""
+    C = part.shape[2]
+    sums = torch.empty((2, C), dtype=part.dtype, device=part.device)
+    _k._bn_grad_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
+        sums, _or(dw, sums), _or(db, sums), part, C, part.shape[1],
+        COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, ACC=_TL[part.dtype],
+        BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS, BLOCK_C=FINALIZE_BLOCK_C,
+    )  # fmt: skip
+    return sums
+
+
+def grad_input(dy3, x3, dx3, w, b, mean, rstd, sums, cfg, *, count, activation, act_param):
+    """Backward split stage 3 (train): dx3 from the global sums; `count` = M (the global M under SyncBN)."""
+    N, C, S = x3.shape
+    _k._bn_grad_input_kernel[cfg.grid](
+        dx3, x3, dy3, _or(w, x3), _or(b, x3), mean, rstd, sums,
+        N, C, S, *x3.stride(), *dy3.stride(), *dx3.stride(), _vec_stride(w), _vec_stride(b), 1.0 / count, act_param,
+        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, ACTIVATION=activation, ACC=_TL[acc_dtype(x3.dtype)],
+        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    )  # fmt: skip
+
+
+def _or(t, default):
+    """A tensor argument, or a dummy pointer the kernel never dereferences (its constexpr flag is off)."""
+    return t if t is not None else default
+
+
+# ----------------------------------------------------------------------------------------------- composition
+def forward_outputs(x: torch.Tensor, training: bool):
+    """(y, mean, rstd) allocated as `bn_fwd` allocates them (mean/rstd are 0-element in eval): also what the
+    torch.library op's fake implementation returns."""
+    acc = acc_dtype(x.dtype)
+    C = x.shape[1] if training else 0
+    mean, rstd = _stat_pair(C, acc, x.device)
+    return new_output(x), mean, rstd
+
+
+def backward_outputs(x, weight, bias, output_mask):
+    """(dx, dweight, dbias) allocated as `bn_bwd` allocates them; None where not asked for or no parameter."""
+    C = x.shape[1]
+    dx = new_output(x) if output_mask[0] else None
+    dw = torch.empty(C, dtype=weight.dtype, device=x.device) if output_mask[1] and weight is not None else None
+    db = torch.empty(C, dtype=bias.dtype, device=x.device) if output_mask[2] and bias is not None else None
+    return dx, dw, db
+
+
+def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, training, momentum, cumulative, eps,
+           activation, act_param, running_out=None):  # fmt: skip
+    """Forward. Returns (y, mean, rstd): the batch mean and rstd in ACC when training (saved for the backward),
+    0-element tensors in eval (the backward then reads the running stats).
+
+    Training with running stats writes the updated stats into `running_out` = (mean_out, var_out), by default
+    running_mean/running_var themselves (in place). `cumulative` uses 1/num_batches_tracked (already incremented)
+    as the factor.
+    """
+    y, mean, rstd = forward_outputs(x, training)
+    transposed = is_transposed_2d(x)
+    x3, y3 = as_ncs(x, transposed), as_ncs(y, transposed)
+    cfg = config_for(x3, register_widening(acc_dtype(x.dtype)))
+    if not training:
+        normalize(x3, y3, weight, bias, running_mean, running_var, cfg, stat_is_var=True, eps=eps,
+                  activation=activation, act_param=act_param)  # fmt: skip
+        return y, mean, rstd
+    running = None
+    if running_mean is not None:
+        running = (running_mean, running_var, *(running_out or (running_mean, running_var)))
+    nbt = num_batches_tracked if cumulative else None
+    opts = dict(eps=eps, momentum=momentum, cumulative=cumulative)
+    if cfg.plan == "single":
+        mean, rstd = forward_single(x3, y3, weight, bias, running, nbt, cfg, activation=activation,
+                                    act_param=act_param, **opts)  # fmt: skip
+        return y, mean, rstd
+    part, shift = stats_partial(x3, cfg)
+    mean, rstd = stats_finalize(part, shift, running, nbt, **opts)
+    normalize(x3, y3, weight, bias, mean, rstd, cfg, stat_is_var=False, eps=eps, activation=activation,
+              act_param=act_param)  # fmt: skip
+    return y, mean, rstd
+
+
+def bn_bwd(dy, x, weight, bias, mean, stat, *, training, eps, activation, act_param, needs_dx=True, needs_dw=True,
+           needs_db=True):  # fmt: skip
+    """Backward. (mean, stat) = (batch mean, rstd) in training, (running_mean, running_var) in eval.
+    Returns (dx, dweight, dbias), each None when not asked for or when there is no such parameter."""
+    dx, dw, db = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))
+    transposed = is_transposed_2d(x)
+    x3, dy3 = as_ncs(x, transposed), as_ncs(dy, transposed)
+    dx3 = as_ncs(dx, transposed) if dx is not None else None
+    cfg = config_for(x3, register_widening(acc_dtype(x.dtype), activation, backward=True))
+    opts = dict(activation=activation, act_param=act_param)
+    if cfg.plan == "single":
+        backward_single(dy3, x3, dx3, weight, bias, mean, stat, dw, db, cfg, training=training, eps=eps, **opts)
+        return dx, dw, db
+    part = grad_partial(dy3, x3, weight, bias, mean, stat, cfg, training=training, eps=eps, dx3=dx3, **opts)
+    sums = grad_finalize(part, dw, db)
+    if training and dx3 is not None:
+        grad_input(dy3, x3, dx3, weight, bias, mean, stat, sums, cfg, count=x3.shape[0] * x3.shape[2], **opts)
+    return dx, dw, db

@@ -7,6 +7,13 @@ a BatchNorm1d directly followed by a supported activation module is fused with i
 state_dict keys stay valid. Only the Sequential's slot changes: an activation object reused elsewhere (the
 seeds' MLP uses one `relu` twice) keeps working there. A BatchNorm1d that appears in several places is
 converted once and shared, but not fused (its successors may differ).
+
+The new module keeps everything else the old one carried: forward (pre-)hooks, backward hooks, state_dict
+hooks (the very dicts, so existing handles still remove them) and custom attributes. A pair is not fused when
+either module has hooks that would observe the difference (any hook on the activation, forward hooks on the
+BatchNorm: they would see the activation's output), so every hook keeps firing on the same values.
+
+Imports: torch, bnfast.activations, bnfast.modules.
 """
 
 from collections import Counter
@@ -23,6 +30,10 @@ def _is_plain_bn1d(module: nn.Module) -> bool:
     return type(module) is nn.BatchNorm1d
 
 
+_OWN_STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "activation")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _fused_from(bn: nn.BatchNorm1d, activation=None) -> FusedBatchNorm1d:
     fused = FusedBatchNorm1d(
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
@@ -33,7 +44,13 @@ def _fused_from(bn: nn.BatchNorm1d, activation=None) -> FusedBatchNorm1d:
         fused.register_parameter(name, getattr(bn, name, None))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         fused.register_buffer(name, getattr(bn, name, None))
-    return fused.train(bn.training)
+    # hooks (the same dicts: handles keep working), training flag, custom attributes
+    fused.__dict__.update({k: v for k, v in vars(bn).items() if k not in _OWN_STATE})
+    return fused
+
+
+def _has_hooks(module: nn.Module, kinds=_HOOKS) -> bool:
+    return any(getattr(module, kind, None) for kind in kinds)
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -59,7 +76,8 @@ def convert(model: nn.Module) -> nn.Module:
                 continue
             following = parent._modules[names[i + 1]] if i + 1 < len(names) else None
             activation = activation_of_module(following) if following is not None else None
-            if isinstance(parent, nn.Sequential) and activation is not None and uses[id(child)] == 1:
+            fusable = activation is not None and not _has_hooks(following) and not _has_hooks(child, _HOOKS[:1])
+            if isinstance(parent, nn.Sequential) and fusable and uses[id(child)] == 1:
                 parent._modules[name] = _fused_from(child, activation)
                 parent._modules[names[i + 1]] = nn.Identity()
             else:

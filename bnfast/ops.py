@@ -179,17 +179,25 @@ def _backward_torch(dy, x, weight, bias, mean, stat, training, eps, activation, 
 
 # --------------------------------------------------------------------------------------------- eager entry
 class BatchNormFunction(torch.autograd.Function):
-    """The eager entry (see the module docstring): the running stats are updated in place by the kernel."""
+    """The eager entry (see the module docstring): the running stats are updated in place by the kernel.
+
+    forward(ctx, ...) calls `_setup_context` itself rather than declaring it as the `setup_context`
+    staticmethod: with a separate setup_context, `Function.apply` binds the arguments through
+    `inspect.signature` on every call (about a fifth of bnfast's host time per layer, measured with
+    bench/test_host_overhead.py). functorch transforms, which would need the separate form, never reach this
+    class: `bnfast.functional` routes their tensors to torch's own batch_norm.
+    """
 
     @staticmethod
-    def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, cumulative, eps,
-                activation, act_param):  # fmt: skip
-        return launch.bn_fwd(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum,
-            cumulative=cumulative, eps=eps, activation=activation, act_param=act_param,
+    def forward(ctx, *inputs):
+        x, weight, bias, running_mean, running_var, nbt, training, momentum, cumulative, eps, activation, param = inputs
+        output = launch.bn_fwd(
+            x, weight, bias, running_mean, running_var, nbt, training=training, momentum=momentum,
+            cumulative=cumulative, eps=eps, activation=activation, act_param=param,
         )  # fmt: skip
+        _setup_context(ctx, inputs, output)
+        return output
 
-    setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 

@@ -24,6 +24,7 @@ Imports: torch, triton, kernels.batch_norm, kernels.activations.
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 import triton.language as tl
@@ -137,19 +138,47 @@ def is_transposed_2d(x: torch.Tensor) -> bool:
     return x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1 and x.shape[0] > 1
 
 
-def as_ncs(t: torch.Tensor, transposed_2d: bool = False) -> torch.Tensor:
-    """t (N, C, *spatial) as (N, C, S): a view whenever the spatial dims merge (contiguous, channels_last,
-    any (N, C) or (N, C, L)), a copy otherwise. With `transposed_2d` (decided once, on x, by
-    `is_transposed_2d`, and applied to y, dy and dx alike) a 2-D tensor becomes (1, C, N): x's unit stride
-    lands on S, and M = N * S is unchanged."""
-    if t.dim() == 2:
-        return t.t().unsqueeze(0) if transposed_2d else t.unsqueeze(-1)
-    if t.dim() == 3:
-        return t
-    try:
-        return t.view(t.shape[0], t.shape[1], -1)
-    except RuntimeError:  # spatial dims that cannot be merged (a permuted or sliced 4-D/5-D tensor)
-        return t.contiguous().view(t.shape[0], t.shape[1], -1)
+class Ncs(NamedTuple):
+    """A tensor seen as (N, C, S) with element strides: what every stage takes. Plain integers, not a view
+    tensor: building one costs a microsecond of host time per tensor per call."""
+
+    t: torch.Tensor  # the tensor whose storage the kernels index (its data pointer)
+    N: int
+    C: int
+    S: int
+    sn: int
+    sc: int
+    ss: int
+
+    @property
+    def dims(self):
+        return self.N, self.C, self.S
+
+    @property
+    def strides(self):
+        return self.sn, self.sc, self.ss
+
+
+def as_ncs(t: torch.Tensor, transposed_2d: bool = False) -> Ncs:
+    """t (N, C, *spatial) as (N, C, S): the same storage whenever the spatial dims merge (contiguous,
+    channels_last, any (N, C) or (N, C, L)), a contiguous copy otherwise. With `transposed_2d` (decided once, on
+    x, by `is_transposed_2d`, and applied to y, dy and dx alike) a 2-D tensor is seen as (1, C, N): x's unit
+    stride lands on S, and M = N * S is unchanged."""
+    shape, strides = t.shape, t.stride()
+    if len(shape) == 2:
+        if transposed_2d:
+            return Ncs(t, 1, shape[1], shape[0], 0, strides[1], strides[0])
+        return Ncs(t, shape[0], shape[1], 1, strides[0], strides[1], 1)
+    if len(shape) == 3:
+        return Ncs(t, *shape, *strides)
+    S, ss = 1, 1  # merge the spatial dims from the innermost out; sizes of 1 impose nothing
+    for size, stride in zip(reversed(shape[2:]), reversed(strides[2:]), strict=True):
+        if size == 1:
+            continue
+        if S > 1 and stride != ss * S:
+            return as_ncs(t.contiguous())
+        ss, S = (stride, size) if S == 1 else (ss, S * size)
+    return Ncs(t, shape[0], shape[1], S, strides[0], strides[1], ss)
 
 
 def new_output(x: torch.Tensor) -> torch.Tensor:
@@ -162,10 +191,9 @@ def new_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def config_for(x3: torch.Tensor, widen: int) -> LaunchConfig:
-    N, C, S = x3.shape
-    c_fast = x3.stride(1) == 1 and C > 1 and (S == 1 or x3.stride(2) != 1)
-    return launch_config(N, C, S, c_fast, widen, _sm_count(x3.device), PLAN_OVERRIDE)
+def config_for(x: Ncs, widen: int) -> LaunchConfig:
+    c_fast = x.sc == 1 and x.C > 1 and (x.S == 1 or x.ss != 1)
+    return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.device), PLAN_OVERRIDE)
 
 
 def _stat_pair(C, dtype, device):
@@ -177,41 +205,44 @@ def _vec_stride(t: torch.Tensor | None) -> int:
     return t.stride(0) if t is not None else 0
 
 
+def _or(t, default):
+    """A tensor argument, or a dummy pointer the kernel never dereferences (its constexpr flag is off)."""
+    return t if t is not None else default
+
+
 # --------------------------------------------------------------------------------------------- forward stages
-def forward_single(x3, y3, w, b, running, nbt, cfg, *, eps, momentum, cumulative, activation, act_param):
-    """Single-pass training forward into y3. `running` = (rm, rv, rm_out, rv_out) or None. Returns (mean, rstd)."""
-    N, C, S = x3.shape
-    acc = acc_dtype(x3.dtype)
-    mean, rstd = _stat_pair(C, acc, x3.device)
+# Each stage: x, y, dy, dx are `Ncs`; w, b (weight, bias) and the running stats are (C,) tensors of any stride or
+# None; `cfg` comes from `config_for(x, ...)`; outputs are allocated by the caller or returned.
+def forward_single(x: Ncs, y: Ncs, w, b, mean, rstd, running, nbt, cfg, *, eps, momentum, cumulative, activation,
+                   act_param):  # fmt: skip
+    """Single-pass training forward: y, and the batch mean/rstd into `mean`/`rstd` (ACC, (C,)).
+    `running` = (rm, rv, rm_out, rv_out) or None; `nbt` = num_batches_tracked when cumulative."""
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)  # dummies: never read
     _k._bn_fwd_single_kernel[cfg.grid](
-        y3, mean, rstd, x3, _or(w, x3), _or(b, x3), rm, rv, rm_out, rv_out, _or(nbt, mean),
-        N, C, S, *x3.stride(), *y3.stride(), _vec_stride(w), _vec_stride(b),
+        y.t, mean, rstd, x.t, _or(w, x.t), _or(b, x.t), rm, rv, rm_out, rv_out, _or(nbt, mean),
+        *x.dims, *x.strides, *y.strides, _vec_stride(w), _vec_stride(b),
         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum, act_param,
         HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, UPDATE_RUNNING=running is not None,
-        CUMULATIVE=cumulative, ACTIVATION=activation, ACC=_TL[acc],
+        CUMULATIVE=cumulative, ACTIVATION=activation, ACC=_TL[mean.dtype],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return mean, rstd
 
 
-def stats_partial(x3, cfg):
+def stats_partial(x: Ncs, cfg):
     """Split stage 1: (part (3, K, C), shift (C,)) in ACC, the format in kernels/batch_norm.py."""
-    N, C, S = x3.shape
-    acc = acc_dtype(x3.dtype)
-    part = torch.empty((3, cfg.num_splits, C), dtype=acc, device=x3.device)
-    shift = torch.empty(C, dtype=acc, device=x3.device)
+    acc = acc_dtype(x.t.dtype)
+    part = torch.empty((3, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
+    shift = torch.empty(x.C, dtype=acc, device=x.t.device)
     _k._bn_stats_partial_kernel[cfg.grid](
-        part, shift, x3, N, C, S, *x3.stride(), ACC=_TL[acc],
+        part, shift, x.t, *x.dims, *x.strides, ACC=_TL[acc],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
     return part, shift
 
 
-def stats_finalize(part, shift, running, nbt, *, eps, momentum, cumulative):
-    """Split stage 2: merge the K rows of `part` in order; (mean, rstd) in ACC, running stats updated."""
+def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumulative):
+    """Split stage 2: merge the K rows of `part` in order into `mean`/`rstd` (ACC, (C,)); running stats updated."""
     C = part.shape[2]
-    mean, rstd = _stat_pair(C, part.dtype, part.device)
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)
     _k._bn_stats_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
         mean, rstd, part, shift, rm, rv, rm_out, rv_out, _or(nbt, mean), C, part.shape[1],
@@ -219,47 +250,46 @@ def stats_finalize(part, shift, running, nbt, *, eps, momentum, cumulative):
         UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, ACC=_TL[part.dtype],
         BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS, BLOCK_C=FINALIZE_BLOCK_C,
     )  # fmt: skip
-    return mean, rstd
 
 
-def normalize(x3, y3, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param):
-    """y3 = act((x - mean) * rstd * w + b); `stat` is rstd, or the running variance when stat_is_var (eval)."""
-    N, C, S = x3.shape
+def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param):
+    """y = act((x - mean) * rstd * w + b); `stat` is rstd, or the running variance when stat_is_var (eval)."""
     _k._bn_normalize_kernel[cfg.grid](
-        y3, x3, _or(w, x3), _or(b, x3), mean, stat, N, C, S, *x3.stride(), *y3.stride(),
+        y.t, x.t, _or(w, x.t), _or(b, x.t), mean, stat, *x.dims, *x.strides, *y.strides,
         _vec_stride(w), _vec_stride(b), mean.stride(0), stat.stride(0), eps, act_param,
         STAT_IS_VAR=stat_is_var, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, ACTIVATION=activation,
-        ACC=_TL[acc_dtype(x3.dtype)], BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S,
+        ACC=_TL[acc_dtype(x.t.dtype)], BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S,
         num_warps=cfg.num_warps,
     )  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- backward stages
-def backward_single(dy3, x3, dx3, w, b, mean, stat, dw, db, cfg, *, training, eps, activation, act_param):
-    """Single-pass backward into dx3 (None: not needed), dw, db (None: not needed)."""
-    N, C, S = x3.shape
+def backward_single(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, stat, dw, db, cfg, *, training, eps, activation,
+                    act_param):  # fmt: skip
+    """Single-pass backward into dx (None: not needed), dw, db (None: not needed)."""
+    out = dx if dx is not None else x  # dummy strides and pointer when dx is not computed
     _k._bn_bwd_single_kernel[cfg.grid](
-        _or(dx3, x3), _or(dw, x3), _or(db, x3), x3, dy3, _or(w, x3), _or(b, x3), mean, stat,
-        N, C, S, *x3.stride(), *dy3.stride(), *_or(dx3, x3).stride(), _vec_stride(w), _vec_stride(b),
+        out.t, _or(dw, x.t), _or(db, x.t), x.t, dy.t, _or(w, x.t), _or(b, x.t), mean, stat,
+        *x.dims, *x.strides, *dy.strides, *out.strides, _vec_stride(w), _vec_stride(b),
         mean.stride(0), stat.stride(0), eps, act_param,
         TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
-        COMPUTE_DX=dx3 is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
-        ACTIVATION=activation, ACC=_TL[acc_dtype(x3.dtype)],
+        COMPUTE_DX=dx is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+        ACTIVATION=activation, ACC=_TL[acc_dtype(x.t.dtype)],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
 
 
-def grad_partial(dy3, x3, w, b, mean, stat, cfg, *, training, eps, activation, act_param, dx3=None):
-    """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx3 if given."""
-    N, C, S = x3.shape
-    acc = acc_dtype(x3.dtype)
-    part = torch.empty((2, cfg.num_splits, C), dtype=acc, device=x3.device)
+def grad_partial(dy: Ncs, x: Ncs, w, b, mean, stat, cfg, *, training, eps, activation, act_param, dx=None):
+    """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx if given."""
+    acc = acc_dtype(x.t.dtype)
+    part = torch.empty((2, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
+    out = dx if dx is not None else x
     _k._bn_grad_partial_kernel[cfg.grid](
-        part, _or(dx3, x3), x3, dy3, _or(w, x3), _or(b, x3), mean, stat,
-        N, C, S, *x3.stride(), *dy3.stride(), *_or(dx3, x3).stride(), _vec_stride(w), _vec_stride(b),
+        part, out.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), mean, stat,
+        *x.dims, *x.strides, *dy.strides, *out.strides, _vec_stride(w), _vec_stride(b),
         mean.stride(0), stat.stride(0), eps, act_param,
         TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
-        COMPUTE_DX=dx3 is not None and not training, ACTIVATION=activation, ACC=_TL[acc],
+        COMPUTE_DX=dx is not None and not training, ACTIVATION=activation, ACC=_TL[acc],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
     return part
@@ -278,20 +308,14 @@ def grad_finalize(part, dw=None, db=None):
     return sums
 
 
-def grad_input(dy3, x3, dx3, w, b, mean, rstd, sums, cfg, *, count, activation, act_param):
-    """Backward split stage 3 (train): dx3 from the global sums; `count` = M (the global M under SyncBN)."""
-    N, C, S = x3.shape
+def grad_input(dy: Ncs, x: Ncs, dx: Ncs, w, b, mean, rstd, sums, cfg, *, count, activation, act_param):
+    """Backward split stage 3 (train): dx from the global sums; `count` = M (the global M under SyncBN)."""
     _k._bn_grad_input_kernel[cfg.grid](
-        dx3, x3, dy3, _or(w, x3), _or(b, x3), mean, rstd, sums,
-        N, C, S, *x3.stride(), *dy3.stride(), *dx3.stride(), _vec_stride(w), _vec_stride(b), 1.0 / count, act_param,
-        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, ACTIVATION=activation, ACC=_TL[acc_dtype(x3.dtype)],
+        dx.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), mean, rstd, sums,
+        *x.dims, *x.strides, *dy.strides, *dx.strides, _vec_stride(w), _vec_stride(b), 1.0 / count, act_param,
+        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, ACTIVATION=activation, ACC=_TL[acc_dtype(x.t.dtype)],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
-
-
-def _or(t, default):
-    """A tensor argument, or a dummy pointer the kernel never dereferences (its constexpr flag is off)."""
-    return t if t is not None else default
 
 
 # ----------------------------------------------------------------------------------------------- composition
@@ -322,45 +346,45 @@ def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, t
     running_mean/running_var themselves (in place). `cumulative` uses 1/num_batches_tracked (already incremented)
     as the factor.
     """
-    y, mean, rstd = forward_outputs(x, training)
+    y_t, mean, rstd = forward_outputs(x, training)
     transposed = is_transposed_2d(x)
-    x3, y3 = as_ncs(x, transposed), as_ncs(y, transposed)
-    cfg = config_for(x3, register_widening(acc_dtype(x.dtype)))
+    x3, y3 = as_ncs(x, transposed), as_ncs(y_t, transposed)
+    cfg = config_for(x3, 2 if x.dtype == torch.float64 else 1)  # register_widening(ACC), inlined: hot path
     if not training:
         normalize(x3, y3, weight, bias, running_mean, running_var, cfg, stat_is_var=True, eps=eps,
                   activation=activation, act_param=act_param)  # fmt: skip
-        return y, mean, rstd
+        return y_t, mean, rstd
     running = None
     if running_mean is not None:
         running = (running_mean, running_var, *(running_out or (running_mean, running_var)))
     nbt = num_batches_tracked if cumulative else None
     opts = dict(eps=eps, momentum=momentum, cumulative=cumulative)
     if cfg.plan == "single":
-        mean, rstd = forward_single(x3, y3, weight, bias, running, nbt, cfg, activation=activation,
-                                    act_param=act_param, **opts)  # fmt: skip
-        return y, mean, rstd
+        forward_single(x3, y3, weight, bias, mean, rstd, running, nbt, cfg, activation=activation,
+                       act_param=act_param, **opts)  # fmt: skip
+        return y_t, mean, rstd
     part, shift = stats_partial(x3, cfg)
-    mean, rstd = stats_finalize(part, shift, running, nbt, **opts)
+    stats_finalize(part, shift, mean, rstd, running, nbt, **opts)
     normalize(x3, y3, weight, bias, mean, rstd, cfg, stat_is_var=False, eps=eps, activation=activation,
               act_param=act_param)  # fmt: skip
-    return y, mean, rstd
+    return y_t, mean, rstd
 
 
 def bn_bwd(dy, x, weight, bias, mean, stat, *, training, eps, activation, act_param, needs_dx=True, needs_dw=True,
            needs_db=True):  # fmt: skip
     """Backward. (mean, stat) = (batch mean, rstd) in training, (running_mean, running_var) in eval.
     Returns (dx, dweight, dbias), each None when not asked for or when there is no such parameter."""
-    dx, dw, db = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))
+    dx_t, dw, db = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))
     transposed = is_transposed_2d(x)
     x3, dy3 = as_ncs(x, transposed), as_ncs(dy, transposed)
-    dx3 = as_ncs(dx, transposed) if dx is not None else None
+    dx3 = as_ncs(dx_t, transposed) if dx_t is not None else None
     cfg = config_for(x3, register_widening(acc_dtype(x.dtype), activation, backward=True))
     opts = dict(activation=activation, act_param=act_param)
     if cfg.plan == "single":
         backward_single(dy3, x3, dx3, weight, bias, mean, stat, dw, db, cfg, training=training, eps=eps, **opts)
-        return dx, dw, db
-    part = grad_partial(dy3, x3, weight, bias, mean, stat, cfg, training=training, eps=eps, dx3=dx3, **opts)
+        return dx_t, dw, db
+    part = grad_partial(dy3, x3, weight, bias, mean, stat, cfg, training=training, eps=eps, dx=dx3, **opts)
     sums = grad_finalize(part, dw, db)
     if training and dx3 is not None:
-        grad_input(dy3, x3, dx3, weight, bias, mean, stat, sums, cfg, count=x3.shape[0] * x3.shape[2], **opts)
-    return dx, dw, db
+        grad_input(dy3, x3, dx3, weight, bias, mean, stat, sums, cfg, count=x3.N * x3.S, **opts)
+    return dx_t, dw, db

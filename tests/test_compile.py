@@ -217,10 +217,28 @@ def test_fwd_op_is_functional(device):
     assert none_rm.numel() == 0 and none_rv.numel() == 0
 
 
-def test_eager_and_traced_entries_share_setup_and_backward():
-    """One autograd implementation: the eager Function and the op's registration use the same functions."""
-    assert ops.BatchNormFunction.setup_context is ops._setup_context
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_and_traced_entries_save_the_same(device, training):
+    """One autograd implementation: the eager Function's backward is the op's registered backward, and both
+    forwards save the same tensors through `_setup_context`, and give the same gradients."""
     assert ops.BatchNormFunction.backward is ops._backward
+    x, w, b, rm, rv = op_inputs(device, (8, 4), torch.float32)
+    need_kernels(x)
+    args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0)
+    y_fn = ops.BatchNormFunction.apply(*args)[0]
+    args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0)
+    y_op = ops.batch_norm_op(*args)[0]
+    saved_fn, saved_op = y_fn.grad_fn.saved_tensors, y_op.grad_fn.saved_tensors
+    assert len(saved_fn) == len(saved_op) == 5
+    for a, c in zip(saved_fn, saved_op, strict=True):
+        assert (a is None) == (c is None)
+        if a is not None:
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+    dy = torch.randn_like(y_fn)
+    grads_fn = torch.autograd.grad(y_fn, (x, w, b), dy)
+    grads_op = torch.autograd.grad(y_op, (x, w, b), dy)
+    for a, c in zip(grads_fn, grads_op, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
 # ---- torch.export and fake tensors ----

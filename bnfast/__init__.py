@@ -6,12 +6,14 @@ A call reads top-down: `FusedBatchNorm1d.forward` (modules) -> `functional.batch
 `bnfast.kernels` (setup.py); a source checkout is used through `pip install -e .`.
 """
 
-from . import testing
+from . import guards, testing
 from .activations import SUPPORTED_ACTIVATIONS, resolve_activation
 from .convert import convert
 from .fold import fold
 from .functional import batch_norm, uses_triton
 from .modules import FusedBatchNorm1d
+
+guards.install()  # torch's BatchNorm converters refuse a fused activation instead of dropping it
 
 __version__ = "0.1.0"
 __all__ = [

@@ -47,9 +47,9 @@ def _is_traced(x: torch.Tensor) -> bool:
     return type(x) is not torch.Tensor and is_fake(x)  # the type test keeps plain eager tensors cheap
 
 
-def _needs_torch_ops(x: torch.Tensor) -> bool:
+def _needs_torch_ops() -> bool:
     """functorch transforms and torch.jit.trace run on torch's own ops (see the module docstring)."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.jit.is_tracing()
+    return torch._C._functorch.maybe_current_level() is not None or torch.jit.is_tracing()
 
 
 def _common_case(x, tensors, training, eps) -> bool:
@@ -107,9 +107,13 @@ def batch_norm(
 
 
 def batch_norm_impl(x, running_mean, running_var, weight, bias, training, momentum, eps, act: Activation,
-                    num_batches_tracked, count_batch: bool):  # fmt: skip
+                    num_batches_tracked, count_batch: bool, input_dims: tuple[int, ...] | None = None):  # fmt: skip
     """`batch_norm` with a resolved activation; `count_batch` increments num_batches_tracked (the modules'
-    `+= 1`) after the checks, so that a rejected call changes nothing."""
+    `+= 1`) after the checks, so that a rejected call changes nothing; `input_dims` are the dims a module
+    accepts (its `_check_input_dim`, with torch's message)."""
+    if input_dims is not None and x.dim() not in input_dims:
+        expected = " or ".join(f"{d}D" for d in input_dims)
+        raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
     tensors = (weight, bias, running_mean, running_var)
     if not _common_case(x, tensors, training, eps):
         _torch_verdict(x, running_mean, running_var, weight, bias, training, eps)
@@ -120,7 +124,7 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
         num_batches_tracked.add_(1)
     factor = 0.0 if momentum is None or not training else float(momentum)
     traced = _is_traced(x)
-    if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops(x)):
+    if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()):
         return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative,
                                  num_batches_tracked, eps, act)  # fmt: skip
     if traced:

@@ -48,6 +48,8 @@ class FusedBatchNorm1d(nn.BatchNorm1d):
             if affine and not bias:
                 self.register_parameter("bias", None)
 
+    _INPUT_DIMS = (2, 3)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
@@ -58,7 +60,8 @@ class FusedBatchNorm1d(nn.BatchNorm1d):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+        # the input-dim check (nn.BatchNorm1d's message) runs inside batch_norm_impl: `input.dim()` would be
+        # an fx Proxy here, and symbolic_trace cannot branch on one
         count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats  # only then are the buffers read or written
@@ -74,4 +77,5 @@ class FusedBatchNorm1d(nn.BatchNorm1d):
             self.activation,
             self.num_batches_tracked,
             count_batch,
+            self._INPUT_DIMS,
         )

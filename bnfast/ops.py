@@ -129,7 +129,7 @@ def _backward(ctx, dy, *_stat_grads):
     """Only y is differentiable; running stats, num_batches_tracked and the scalars get no gradient."""
     x, weight, bias, mean, stat = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled() or _is_functorch(dy):
+    if torch.is_grad_enabled() or _is_functorch(dy) or torch._C._functorch.maybe_current_level() is not None:
         grads = _backward_torch(dy, x, weight, bias, mean, stat, ctx.training, ctx.eps, ctx.activation,
                                 ctx.act_param, needs)  # fmt: skip
     elif type(dy) is torch.Tensor and type(x) is torch.Tensor:
@@ -144,7 +144,8 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 def _is_functorch(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    """A functorch wrapper, or a legacy BatchedTensor (what `is_grads_batched=True` feeds the backward)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 def _backward_torch(dy, x, weight, bias, mean, stat, training, eps, activation, act_param, needs):

@@ -408,11 +408,20 @@ def _bn_normalize_kernel(
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
     # (x - mean) * scale + b, not x * scale + (b - mean * scale): the folded form cancels catastrophically
     # when |mean| >> spread (mean 1e4, std 1 loses 3 digits); the subtraction is exact there (Sterbenz).
-    scale = _bcast(rstd * w)
+    scale = rstd * w
+    # eval with eps = 0 on a zero variance makes scale infinite: there, torch's folded form decides which outputs
+    # are inf and which NaN, so use it on such channels (a per-channel select; exact everywhere else)
+    if STAT_IS_VAR:
+        folded = tl.abs(scale) == float("inf")
+    else:
+        folded = c_offs < 0  # never: batch statistics have eps > 0
+    folded_shift = _bcast(tl.where(folded, b - mean * scale, b))
+    centre = _bcast(tl.where(folded, 0.0, mean))
+    scale = _bcast(scale)
     for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
         n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
         x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
-        y = _act((x - _bcast(mean)) * scale + _bcast(b), ACTIVATION, act_param)
+        y = _act((x - centre) * scale + folded_shift, ACTIVATION, act_param)
         _store_tile(y_ptr, y, n0, s0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 
 

@@ -28,8 +28,10 @@ def test_stages_compose_to_bn_fwd_and_bn_bwd():
     grad_input, give bn_fwd's and bn_bwd's bits."""
     x, dy, w, b = _inputs((12, 5, 7))
     with bnfast.testing.force_plan("split", tile_elements=16):
-        y_ref, mean_ref, rstd_ref = launch.bn_fwd(x, w, b, None, None, None, training=True, momentum=0.1,
-                                                  cumulative=False, eps=1e-5, activation="gelu", act_param=0.0)  # fmt: skip
+        y_ref, mean_ref, rstd_ref = launch.bn_fwd(
+            x, w, b, None, None, None, training=True, momentum=0.1, cumulative=False, eps=1e-5, activation="gelu",
+            act_param=0.0,
+        )  # fmt: skip
         dx_ref, dw_ref, db_ref = launch.bn_bwd(dy, x, w, b, mean_ref, rstd_ref, training=True, eps=1e-5,
                                                activation="gelu", act_param=0.0)  # fmt: skip
         x3 = launch.as_ncs(x)

@@ -74,8 +74,9 @@ EXTRA_VARIANTS = [("float16", "relu"), ("float64", "relu"), ("bfloat16", "mish")
 HEAVY_SHAPES = [(256, 1024), (4096, 256), (64, 256, 1024), (8192, 64, 128)]
 # 3-D shapes also run in the channels-last layout (stride_c = 1): aligned (C, L multiples of 16) and odd ones
 CHANNELS_LAST_SHAPES = [(64, 256, 1024), (8192, 64, 128), (2, 3, 7), (130, 40, 3), (4, 64, 48)]
-# matrix -> [(shapes, variants[, layouts])] (layouts default to contiguous only); a configuration is compiled once
-# however many blocks reach it.
+# matrix -> [(shapes, variants[, layouts[, plan]])] (layouts default to contiguous only; plan, if given, is the
+# `bnfast.testing.force_plan` arguments the block is recorded under); a configuration is compiled once however many
+# blocks reach it.
 # ci (tests/test_kernel_report.py, 2 cores): the benchmarked dtypes on every bench and test shape (vectorisation,
 # spills), channels-last (N, C, L) in float32, the heaviest variant (float64 mish: 64-bit values, the longest
 # activation) where registers peak, and every activation once (each must compile).
@@ -83,6 +84,8 @@ MATRICES = {
     "ci": [
         (BENCH_SHAPES + TEST_SHAPES, [("float32", "relu"), ("bfloat16", "relu")]),
         (CHANNELS_LAST_SHAPES, [("float32", "relu")], ("channels_last",)),
+        # what the tests run under force_plan("split", tile_elements=64): tiny tiles, many splits
+        (TEST_SHAPES, [("float32", "relu")], LAYOUTS, ("split", 64)),
         (HEAVY_SHAPES, [("float64", "mish")]),
         ([(32, 32)], [("float32", act) for act in SUPPORTED_ACTIVATIONS]),
         # the backward activations that once spilled a few bytes at full-size tiles (see launch.register_widening)
@@ -146,8 +149,10 @@ def _meta_input(shape, layout, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def record_launches(shapes, variants, layouts=("contiguous",), sm_counts=SM_COUNTS):
-    """[(kernel name, args, kwargs, context)] of every launch bn_fwd/bn_bwd make on these cases (meta tensors)."""
+def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_counts=SM_COUNTS):
+    """[(kernel name, args, kwargs, context)] of every launch bn_fwd/bn_bwd make on these cases (meta tensors),
+    under `force_plan(*plan)` when a plan is given."""
+    from bnfast.testing import force_plan
     from bnfast.testing import record_launches as recording
 
     launch = _require_jit()
@@ -163,7 +168,7 @@ def record_launches(shapes, variants, layouts=("contiguous",), sm_counts=SM_COUN
             x = _meta_input(shape, layout, dtype)
             w, b, rm, rv = (torch.empty(C, device="meta", dtype=dtype) for _ in range(4))
             for training in (True, False):
-                with recording() as log:
+                with recording() as log, force_plan(*plan) if plan else contextlib.nullcontext():
                     y, mean, rstd = launch.bn_fwd(
                         x, w, b, rm, rv, None, training=training, momentum=0.1, cumulative=False, eps=1e-5,
                         activation=act, act_param=0.0,
@@ -172,8 +177,9 @@ def record_launches(shapes, variants, layouts=("contiguous",), sm_counts=SM_COUN
                     launch.bn_bwd(torch.empty_like(y), x, w, b, *saved, training=training, eps=1e-5, activation=act,
                                   act_param=0.0)  # fmt: skip
                 for name, _grid, args, kwargs in log:
-                    ctx = dict(shape=shape, layout=layout, dtype=dtype_name, activation=act or "none",
-                               mode="train" if training else "eval", sms=sms)  # fmt: skip
+                    mode = "train" if training else "eval"
+                    ctx = dict(shape=shape, layout=layout, dtype=dtype_name, activation=act or "none", mode=mode,
+                               sms=sms, plan=plan[0] if plan else "auto")  # fmt: skip
                     out.append((name, tuple(_describe(a) for a in args),
                                 {k: _describe(v) for k, v in kwargs.items()}, ctx))  # fmt: skip
     finally:
@@ -347,6 +353,7 @@ def run(matrix="ci", archs=ARCHS, jobs=None):
             "dtype": c["dtype"],
             "activation": c["activation"],
             "example_shape": list(c["shape"]),
+            "plan": c["plan"],
             "layout": c["layout"],
             "sms": c["sms"],
             "BLOCK_N": kw.get("BLOCK_N"),

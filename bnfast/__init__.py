@@ -1,4 +1,4 @@
-"""bnfast: fused Triton kernels for BatchNorm (+ activation), drop-in for torch.nn.BatchNorm1d.
+"""bnfast: fused Triton kernels for BatchNorm (+ activation), drop-ins for torch.nn.BatchNorm1d/2d/3d.
 
 A call reads top-down: `FusedBatchNorm1d.forward` (modules) -> `functional.batch_norm_impl` (checks, routing)
 -> `ops` (autograd: one setup and backward for the eager Function and the torch.library op) ->
@@ -11,7 +11,7 @@ from .activations import SUPPORTED_ACTIVATIONS, resolve_activation
 from .convert import convert
 from .fold import fold
 from .functional import batch_norm, uses_triton
-from .modules import FusedBatchNorm1d
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 
 guards.install()  # torch's BatchNorm converters refuse a fused activation instead of dropping it
 
@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SUPPORTED_ACTIVATIONS",
     "FusedBatchNorm1d",
+    "FusedBatchNorm2d",
+    "FusedBatchNorm3d",
     "batch_norm",
     "convert",
     "fold",

@@ -2,7 +2,7 @@
 
 `nn.SyncBatchNorm.convert_sync_batchnorm` rebuilds every `_BatchNorm` instance as a plain SyncBatchNorm, and
 `torch.nn.utils.fusion.fuse_{linear,conv}_bn_eval` fold a BatchNorm into the layer before it; neither knows
-that a `FusedBatchNorm1d(activation=...)` also applies an activation, so both would return a model that
+that a `FusedBatchNorm{1,2,3}d(activation=...)` also applies an activation, so both would return a model that
 computes something else, without a word. `install()` (run once by `import bnfast`) wraps exactly these three
 entry points: for any argument that is not a bnfast module with a fused activation they call torch's
 function unchanged; for one that is, they raise TypeError naming what to use instead. A module without an
@@ -20,13 +20,13 @@ import functools
 import torch
 from torch import nn
 
-from .modules import FusedBatchNorm1d
+from .modules import FusedBatchNormBase
 
 _ORIGINAL = {}
 
 
 def _refuse_fused_activation(module, what: str, instead: str) -> None:
-    if isinstance(module, FusedBatchNorm1d) and module.activation:
+    if isinstance(module, FusedBatchNormBase) and module.activation:
         raise TypeError(
             f"bnfast: {what} would drop the activation fused into {type(module).__name__}(activation="
             f"{module.activation!r}) and compute something else; {instead}"

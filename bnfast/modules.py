@@ -1,6 +1,6 @@
-"""`FusedBatchNorm1d`: a drop-in torch.nn.BatchNorm1d on Triton kernels, optionally fusing an activation.
+"""`FusedBatchNorm1d/2d/3d`: drop-in torch.nn.BatchNorm1d/2d/3d on Triton kernels, optionally fusing an activation.
 
-The module is a subclass of nn.BatchNorm1d, so the constructor, parameters, buffers, state_dict,
+Each module is a subclass of its torch class, so the constructor, parameters, buffers, state_dict,
 reset_parameters, reset_running_stats, input-dim check, pickling and deepcopy are torch's own; `forward`
 mirrors torch's (`num_batches_tracked += 1`, momentum=None is the cumulative average, batch statistics in
 training or when the buffers are None) and calls `bnfast.functional`.
@@ -29,26 +29,25 @@ torch.fx.wrap("batch_norm_impl")
 _TORCH_HAS_BN_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
 
-class FusedBatchNorm1d(nn.BatchNorm1d):
-    """Drop-in :class:`torch.nn.BatchNorm1d` on Triton kernels, optionally fusing an activation.
+class FusedBatchNormBase:
+    """What FusedBatchNorm1d/2d/3d add to torch's class: `activation=`, the forward, repr, scripting refusal.
 
-    ``activation`` is None, a name ("relu", "leaky_relu", "elu", "selu", "silu"/"swish", "gelu", "gelu_tanh",
-    "sigmoid", "tanh", "mish") or the matching torch module (``nn.LeakyReLU(0.2)``, ``nn.GELU("tanh")``, ...).
-    The activation has no state: the state_dict is exactly nn.BatchNorm1d's.
+    Mixed in before the torch class, so the constructor, parameters, buffers, state_dict, reset_parameters,
+    reset_running_stats, pickling and deepcopy stay torch's own.
     """
+
+    _INPUT_DIMS: tuple[int, ...] = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  activation=None) -> None:  # fmt: skip
         self.activation = resolve_activation(activation)  # before super(): reset_parameters may print repr
-        if _TORCH_HAS_BN_BIAS:
+        if _TORCH_HAS_BN_BIAS:  # super() is the torch class (the mixin comes first in the MRO)
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         else:  # older torch: no bias keyword; drop the bias ourselves
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
             if affine and not bias:
                 self.register_parameter("bias", None)
-
-    _INPUT_DIMS = (2, 3)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
@@ -60,8 +59,8 @@ class FusedBatchNorm1d(nn.BatchNorm1d):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # the input-dim check (nn.BatchNorm1d's message) runs inside batch_norm_impl: `input.dim()` would be
-        # an fx Proxy here, and symbolic_trace cannot branch on one
+        # the input-dim check (torch's message) runs inside batch_norm_impl: `input.dim()` would be an fx Proxy
+        # here, and symbolic_trace cannot branch on one
         count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats  # only then are the buffers read or written
@@ -79,3 +78,27 @@ class FusedBatchNorm1d(nn.BatchNorm1d):
             count_batch,
             self._INPUT_DIMS,
         )
+
+
+class FusedBatchNorm1d(FusedBatchNormBase, nn.BatchNorm1d):
+    """Drop-in :class:`torch.nn.BatchNorm1d` ((N, C) or (N, C, L)) on Triton kernels, optionally fusing an
+    activation: None, a name ("relu", "leaky_relu", "elu", "selu", "silu"/"swish", "gelu", "gelu_tanh",
+    "sigmoid", "tanh", "mish") or the matching torch module (``nn.LeakyReLU(0.2)``, ``nn.GELU("tanh")``, ...).
+    The activation has no state: the state_dict is exactly nn.BatchNorm1d's.
+    """
+
+    _INPUT_DIMS = (2, 3)
+
+
+class FusedBatchNorm2d(FusedBatchNormBase, nn.BatchNorm2d):
+    """Drop-in :class:`torch.nn.BatchNorm2d` ((N, C, H, W), NCHW or channels_last or any strides; the output
+    keeps the input's memory format), with ``activation=`` as in :class:`FusedBatchNorm1d`."""
+
+    _INPUT_DIMS = (4,)
+
+
+class FusedBatchNorm3d(FusedBatchNormBase, nn.BatchNorm3d):
+    """Drop-in :class:`torch.nn.BatchNorm3d` ((N, C, D, H, W), NCDHW or channels_last_3d or any strides), with
+    ``activation=`` as in :class:`FusedBatchNorm1d`."""
+
+    _INPUT_DIMS = (5,)

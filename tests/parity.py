@@ -17,7 +17,7 @@ import os
 import torch
 from torch import nn
 
-from bnfast import FusedBatchNorm1d, resolve_activation
+from bnfast import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, resolve_activation
 from bnfast.reference import batch_norm_ref
 
 # min N | MNIST | odd | 3d | N=1, L>1 | more than one block
@@ -43,9 +43,15 @@ def assert_matches_ref(ours, theirs, ref64, dtype, name, floor=0.0):
     )  # fmt: skip
 
 
-def make_pair(num_features, *, dtype=torch.float32, device=DEVICE, activation=None, **kwargs):
-    """A torch BatchNorm1d and a FusedBatchNorm1d with identical random affine parameters and running stats."""
-    torch_bn = nn.BatchNorm1d(num_features, device=device, **kwargs)
+MODULES = {1: (nn.BatchNorm1d, FusedBatchNorm1d), 2: (nn.BatchNorm2d, FusedBatchNorm2d),
+           3: (nn.BatchNorm3d, FusedBatchNorm3d)}  # fmt: skip
+
+
+def make_pair(num_features, *, dtype=torch.float32, device=DEVICE, activation=None, dims=1, **kwargs):
+    """A torch BatchNorm{dims}d and a FusedBatchNorm{dims}d with identical random affine parameters and running
+    stats (float32 parameters when `dtype` is 16-bit and `amp` is given: see `amp_pair`)."""
+    torch_type, fused_type = MODULES[dims]
+    torch_bn = torch_type(num_features, device=device, **kwargs)
     with torch.no_grad():
         if torch_bn.weight is not None:
             torch_bn.weight.uniform_(0.5, 1.5)
@@ -55,16 +61,21 @@ def make_pair(num_features, *, dtype=torch.float32, device=DEVICE, activation=No
             torch_bn.running_mean.uniform_(-1, 1)
             torch_bn.running_var.uniform_(0.5, 2)
     torch_bn = torch_bn.to(dtype)
-    ours = FusedBatchNorm1d(num_features, device=device, activation=activation, **kwargs).to(dtype)
+    ours = fused_type(num_features, device=device, activation=activation, **kwargs).to(dtype)
     ours.load_state_dict(torch_bn.state_dict())
     return torch_bn, ours
+
+
+def same_strides(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy with t's very strides (clone() would make a non-dense layout contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t.detach())
 
 
 def run_step(module, x, dy, bn=None):
     """Forward + backward on a fresh leaf copy of x: (y, dx, dweight, dbias); the BN is `module` unless given."""
     bn = module if bn is None else bn
     bn.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
+    x = same_strides(x).requires_grad_(True)
     y = module(x)
     y.backward(dy)
     grad = lambda p: None if p is None else p.grad  # noqa: E731

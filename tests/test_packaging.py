@@ -31,3 +31,9 @@ def test_license_file_matches_setup():
     assert setup_kwargs()["license"] == "MIT"
     assert text.startswith("MIT License") and "Permission is hereby granted, free of charge" in text
     assert re.search(r"Copyright \(c\) \d{4} the bnfast authors", text)
+
+
+def test_numpy_is_an_install_requirement():
+    # Triton's interpreter imports numpy, torch warns at import without it, and neither declares it: a plain
+    # `pip install .` must bring it, or the README's CPU one-liner dies with "No module named 'numpy'".
+    assert "numpy" in requirement_names(setup_kwargs()["install_requires"])

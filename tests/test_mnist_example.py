@@ -115,6 +115,18 @@ def test_progress_without_a_terminal_is_one_line_per_epoch(smoke_run):
     assert "\r" not in stdout and "batch/s" not in stdout
 
 
+def test_readme_figures_bound_the_smoke_run(smoke_run):
+    """The README states the smoke run's torch-BN vs bnfast differences as bounds: they must hold today."""
+    results, _, _ = smoke_run
+    readme = " ".join((REPO_ROOT / "README.md").read_text(encoding="utf-8").split())  # lines wrap anywhere
+    match = results["torch_bn_vs_bnfast"]
+    for phrase, key in (("weights and running stats agree within", "max_abs_diff"),
+                        ("training-mode logits within", "train_mode_logits_max_abs_diff")):  # fmt: skip
+        stated = re.search(re.escape(phrase) + r" ([0-9.]+e-[0-9]+)", readme)
+        assert stated, f"README.md no longer says '{phrase} <bound>'"
+        assert match[key] <= float(stated.group(1)), f"README: {phrase} {stated.group(1)}; measured {match[key]:.2g}"
+
+
 def test_missing_data_exits_with_a_clear_message(tmp_path):
     empty = tmp_path / "no-mnist-here"
     empty.mkdir()

@@ -4,8 +4,9 @@ One subprocess compiles the `ci` matrix for sm_80 and sm_90 (about 80 s on 2 cor
 (tests/conftest.py sets it in this process, and interpreted kernels cannot be compiled); the tests read its JSON:
 - every configuration compiles (an activation constant that Triton cannot see inside a kernel fails here);
 - no configuration spills registers, on the stacks the README names as tested (TESTED_STACKS); on another
-  stack a spill skips the test with the list (a newer ptxas may spill a few bytes: torch 2.15 + triton 3.9 spill
-  4 bytes in two sm_90 configurations), which `python -m bench.kernel_report` and the benchmarks report;
+  stack a spill skips the test with the list, which `python -m bench.kernel_report` and the benchmarks report
+  (another ptxas may spill a few bytes: triton 3.6 spills 8 bytes in two configurations of the bwd partial-sums
+  kernel, torch 2.15 + triton 3.9 is reported to spill 4 bytes in two sm_90 configurations);
 - `expect_vec128` configurations (float32, contiguous, fast-axis tile extent >= 4, C resp. L a multiple of 16:
   the rule in bench/kernel_report.py's docstring) load, and store their tiles, 128 bits at a time.
 """
@@ -53,9 +54,9 @@ def test_every_configuration_compiles(report):
     assert not broken, f"{len(broken)} configurations do not compile:\n" + "\n".join(broken)
 
 
-# (torch, triton) major.minor stacks the README names as tested, on which no configuration may spill. Triton brings
-# its own ptxas, so the triton version decides; a newer one may spill a few bytes that the report then shows.
-TESTED_STACKS = tuple((torch, triton) for torch in ("2.11", "2.12", "2.13", "2.14") for triton in ("3.6", "3.8"))
+# (torch, triton) major.minor stacks the README names as tested, on which no configuration may spill: the ones the
+# report was measured on with no spill. Triton brings its own ptxas, so the triton version decides.
+TESTED_STACKS = (("2.14", "3.8"),)
 
 
 def _major_minor(version: str) -> str:

@@ -67,5 +67,6 @@ def test_readme_names_the_tested_stacks():
     torches = sorted({t for t, _ in TESTED_STACKS}, key=lambda v: tuple(map(int, v.split("."))))
     tritons = sorted({t for _, t in TESTED_STACKS}, key=lambda v: tuple(map(int, v.split("."))))
     assert set(TESTED_STACKS) == set(itertools.product(torches, tritons))  # so that one sentence can name them
-    named = f"torch {torches[0]} to {torches[-1]} with triton {' or '.join(tritons)}"
+    torch_span = torches[0] if len(torches) == 1 else f"{torches[0]} to {torches[-1]}"
+    named = f"torch {torch_span} with triton {' or '.join(tritons)}"
     assert named in " ".join(section("Set-up").split()), named

@@ -1,6 +1,6 @@
 """Print the README's set-up command number N, so that CI runs it exactly as the README writes it.
 
-    python3 .ci/readme_command.py 2    # -> pip install ".[test,examples]" && python -m pytest tests bench ...
+    python3 .ci/readme_command.py 2    # -> pip install -e ".[test,examples]" && python -m pytest tests bench ...
 
 The commands are the first ```bash block of the README's "## Set-up" section: a comment `# N. ...` names the
 command on the next non-comment line. Standard library only: it runs before anything is installed.

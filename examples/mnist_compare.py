@@ -1,8 +1,10 @@
-"""MNIST: an MLP without BatchNorm, with torch.nn.BatchNorm1d, and with bnfast, trained side by side.
+"""MNIST: a model without BatchNorm, with torch's BatchNorm, and with bnfast, trained side by side.
 
 The experiment (defaults = the reference tutorial): images flattened to 784 values in [0, 1], the model
 `Linear(784, H) -> [BN] -> act -> Linear(H, H) -> [BN] -> act -> Linear(H, 10)`, cross-entropy, Adam, batch 32
-shuffled with the incomplete last batch dropped, 10 epochs, seed 1.
+shuffled with the incomplete last batch dropped, 10 epochs, seed 1. `--arch cnn` trains a small CNN instead:
+`Conv(1->16, 3) -> [BN2d] -> act -> MaxPool(2) -> Conv(16->32, 3) -> [BN2d] -> act -> MaxPool(2) -> Linear(800,
+10)` on the same 28x28 images (`--channels-last` runs it in torch.channels_last).
 
 Design:
 - Same start. The no-BN and torch-BN models are each built right after `torch.manual_seed(seed)`, so their
@@ -62,7 +64,8 @@ from tqdm import tqdm
 import bnfast
 
 MODEL_NAMES = ("no-BN", "torch-BN", "bnfast")
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "silu", "gelu")  # all fused by bnfast.convert
+ACTIVATIONS = bnfast.SUPPORTED_ACTIVATIONS  # the one table (kernels/activations.py): all fused by bnfast.convert
+ARCHS = ("mlp", "cnn")
 EVAL_BATCH_SIZE = 1000  # evaluation only: fewer, larger launches (each one costs milliseconds when interpreted)
 IMAGE_SIZE = 28 * 28
 NUM_CLASSES = 10
@@ -104,7 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (last partial one dropped)")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
-    parser.add_argument("--hidden", type=int, default=32, help="width of the two hidden layers")
+    parser.add_argument("--arch", choices=ARCHS, default="mlp",
+                        help="mlp: the tutorial's 784-H-H-10 MLP (BatchNorm1d); cnn: two 3x3 convolutions (BatchNorm2d)")
+    parser.add_argument("--channels-last", action="store_true", help="cnn: run in torch.channels_last memory format")
+    parser.add_argument("--hidden", type=int, default=32, help="mlp: width of the two hidden layers")
     parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
                         help="activation after each hidden layer: a torch module in the no-BN and torch-BN models, "
                         "fused into the BatchNorm kernel in the bnfast model")  # fmt: skip
@@ -218,14 +224,40 @@ def build_mlp(hidden: int, activation: str, batch_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ToChannelsLast(nn.Module):
+    """The images (N, 1, 28, 28) in torch.channels_last, so that every convolution and BatchNorm after runs in it."""
+
+    def forward(self, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def build_cnn(activation: str, batch_norm: bool, channels_last: bool = False) -> nn.Sequential:
+    """Conv(1->16, 3) -> [BN2d] -> act -> MaxPool(2) -> Conv(16->32, 3) -> [BN2d] -> act -> MaxPool(2) -> Linear."""
+    layers = [nn.Unflatten(1, (1, 28, 28))] + ([ToChannelsLast()] if channels_last else [])
+    channels, side = 1, 28
+    for width in (16, 32):
+        layers.append(nn.Conv2d(channels, width, 3))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(width))
+        layers += [bnfast.resolve_activation(activation).module(), nn.MaxPool2d(2)]
+        channels, side = width, (side - 2) // 2
+    layers += [nn.Flatten(), nn.Linear(channels * side * side, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
 def build_models(args, device: torch.device) -> dict[str, nn.Module]:
     """The selected models, seeded as described in the module docstring."""
-    torch.manual_seed(args.seed)
-    no_bn = build_mlp(args.hidden, args.activation, batch_norm=False)
-    torch.manual_seed(args.seed)
-    torch_bn = build_mlp(args.hidden, args.activation, batch_norm=True)
+
+    def build(batch_norm):
+        torch.manual_seed(args.seed)
+        if args.arch == "cnn":
+            return build_cnn(args.activation, batch_norm, args.channels_last)
+        return build_mlp(args.hidden, args.activation, batch_norm)
+
+    no_bn, torch_bn = build(False), build(True)
     models = {"no-BN": no_bn, "torch-BN": torch_bn, "bnfast": bnfast.convert(copy.deepcopy(torch_bn))}
-    return {name: models[name].to(device) for name in args.models}
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    return {name: models[name].to(device, memory_format=memory_format) for name in args.models}
 
 
 def bnfast_backend(device: torch.device) -> str:
@@ -248,7 +280,7 @@ def compare_bn_models(torch_bn: nn.Sequential, fused: nn.Sequential, x: torch.Te
     """
     redundant = set()
     for (name, module), (following, next_module) in itertools.pairwise(torch_bn.named_children()):
-        if isinstance(module, nn.Linear) and isinstance(next_module, nn.BatchNorm1d):
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(next_module, nn.modules.batchnorm._BatchNorm):
             redundant |= {f"{name}.bias", f"{following}.running_mean"}
     fused_state = fused.state_dict()
     diffs = {k: (v - fused_state[k]).abs().max().item() for k, v in torch_bn.state_dict().items()
@@ -359,9 +391,10 @@ def print_epoch(epoch: int, metrics: dict[str, dict[str, float]]) -> None:
 # ------------------------------------------------------------------------------------------------- outputs
 
 
-def plot_context(device: torch.device) -> str:
-    """The second line of every plot title: dataset, device, and what ran bnfast."""
-    return f"MNIST | {device_name(device)} | bnfast: {bnfast_backend(device)}"
+def plot_context(device: torch.device, arch: str = "mlp", channels_last: bool = False) -> str:
+    """The second line of every plot title: dataset and model, device, and what ran bnfast."""
+    model = arch.upper() + (", channels_last" if channels_last else "")
+    return f"MNIST {model} | {device_name(device)} | bnfast: {bnfast_backend(device)}"
 
 
 def plot_metric(history: dict[str, list[dict]], key: str, title: str, ylabel: str, context: str):
@@ -499,7 +532,7 @@ def main(argv=None) -> dict:
         )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    plots = [] if args.no_plots else plot_history(history, args.out, plot_context(device))
+    plots = [] if args.no_plots else plot_history(history, args.out, plot_context(device, args.arch, args.channels_last))
     results = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "versions": versions(),

@@ -79,6 +79,32 @@ def smoke_run(tmp_path_factory):
     return json.loads((out / "results.json").read_text()), out, result.stdout
 
 
+@pytest.fixture(scope="module")
+def cnn_smoke_run(tmp_path_factory):
+    """The CNN in channels_last on a few hundred images (BatchNorm2d under the interpreter: slow per element)."""
+    if local_mnist_dir() is None:
+        pytest.skip("no MNIST .gz files (see smoke_run)")
+    tmp = tmp_path_factory.mktemp("mnist_cnn")
+    out = tmp / "out"
+    result = run_example(tmp, "--data-dir", tmp / "data", "--out", out, "--arch", "cnn", "--channels-last",
+                         "--epochs", 1, "--limit-train", 320, "--limit-test", 200, "--no-download",
+                         "--no-plots")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "results.json").read_text())
+
+
+def test_cnn_channels_last_bnfast_matches_torch_bn(cnn_smoke_run):
+    """10 Adam steps of the CNN: BatchNorm2d + ReLU fused in channels_last tracks torch's BN2d -> ReLU (the
+    redundant conv biases aside, as for the MLP)."""
+    results = cnn_smoke_run
+    assert results["config"]["arch"] == "cnn" and results["config"]["channels_last"]
+    assert results["bnfast_backend"] == "interpreter"
+    match = results["torch_bn_vs_bnfast"]
+    assert match["max_abs_diff"] < WEIGHT_ATOL and match["train_mode_logits_max_abs_diff"] < TRAIN_LOGITS_ATOL, match
+    for name in MODELS:
+        assert results["models"][name][-1]["train_loss"] < results["models"][name][0]["train_loss"], name
+
+
 def test_all_models_train(smoke_run):
     results, _, _ = smoke_run
     for name in MODELS:
@@ -167,7 +193,8 @@ def one_epoch_history(models=MODELS) -> dict[str, list[dict]]:
 
 def test_plots_name_dataset_device_backend(example):
     context = example.plot_context(torch.device("cpu"))
-    assert context.startswith("MNIST | CPU (") and "| bnfast: " in context
+    assert context.startswith("MNIST MLP | CPU (") and "| bnfast: " in context
+    assert example.plot_context(torch.device("cpu"), "cnn", True).startswith("MNIST CNN, channels_last | CPU (")
     assert context.endswith(("interpreter", "torch fallback"))
     fig = example.plot_metric(one_epoch_history(), "valid_acc", "Test accuracy", "accuracy", context)
     assert fig.axes[0].get_title().endswith(context)

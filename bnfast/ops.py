@@ -125,7 +125,8 @@ def _(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_
 def _setup_context(ctx, inputs, output):
     """Both entries: inputs are (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
     momentum, cumulative, eps, activation, act_param, residual); output starts with (y, save_mean, save_rstd)."""
-    x, weight, bias, running_mean, running_var, _, training, _, _, eps, activation, act_param, residual = inputs
+    x, weight, bias, running_mean, running_var, _, training, _, _, eps, activation, act_param = inputs[:12]
+    residual = inputs[12] if len(inputs) > 12 else None  # the op's last argument has a default
     _, mean, rstd = output[:3]
     ctx.mark_non_differentiable(*output[1:])
     kept_residual = residual if activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
@@ -141,7 +142,8 @@ def _backward(ctx, dy, *_stat_grads):
     gets g = dy * act'(z) (dy itself without an activation)."""
     x, weight, bias, mean, stat, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    needs_dr = needs[12] and bool(ctx.activation)  # without an activation dresidual = dy: no kernel
+    wants_dr = len(needs) > 12 and needs[12]
+    needs_dr = wants_dr and bool(ctx.activation)  # without an activation dresidual = dy: no kernel
     if torch.is_grad_enabled() or _is_functorch(dy) or torch._C._functorch.maybe_current_level() is not None:
         dx, dw, db, dr = _backward_torch(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
                                          ctx.activation, ctx.act_param, (*needs[:3], needs_dr))  # fmt: skip
@@ -155,9 +157,9 @@ def _backward(ctx, dy, *_stat_grads):
         grads = batch_norm_backward_op(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
                                        ctx.activation, ctx.act_param, mask)  # fmt: skip
         dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, mask, strict=True))
-    if needs[12] and not ctx.activation:
+    if wants_dr and not ctx.activation:
         dr = dy
-    return dx, dw, db, *(None,) * 9, dr
+    return dx, dw, db, *(None,) * 9, *((dr,) if len(needs) > 12 else ())
 
 
 def _is_functorch(t: Tensor) -> bool:

@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (last partial one dropped)")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     parser.add_argument("--arch", choices=ARCHS, default="mlp",
-                        help="mlp: the tutorial's 784-H-H-10 MLP (BatchNorm1d); cnn: two 3x3 convolutions (BatchNorm2d)")
+                        help="mlp: the tutorial's 784-H-H-10 MLP (BatchNorm1d); cnn: two 3x3 convolutions "
+                        "(BatchNorm2d)")  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="cnn: run in torch.channels_last memory format")
     parser.add_argument("--hidden", type=int, default=32, help="mlp: width of the two hidden layers")
     parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
@@ -532,7 +533,8 @@ def main(argv=None) -> dict:
         )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    plots = [] if args.no_plots else plot_history(history, args.out, plot_context(device, args.arch, args.channels_last))
+    context = plot_context(device, args.arch, args.channels_last)
+    plots = [] if args.no_plots else plot_history(history, args.out, context)
     results = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "versions": versions(),

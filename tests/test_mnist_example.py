@@ -81,26 +81,32 @@ def smoke_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cnn_smoke_run(tmp_path_factory):
-    """The CNN in channels_last on a few hundred images (BatchNorm2d under the interpreter: slow per element)."""
+    """The CNN in channels_last, 2 steps on 64 images (BatchNorm2d on (32, 16, 26, 26) under the interpreter
+    costs seconds per step: about a minute in all on 2 cores)."""
     if local_mnist_dir() is None:
         pytest.skip("no MNIST .gz files (see smoke_run)")
     tmp = tmp_path_factory.mktemp("mnist_cnn")
     out = tmp / "out"
     result = run_example(tmp, "--data-dir", tmp / "data", "--out", out, "--arch", "cnn", "--channels-last",
-                         "--epochs", 1, "--limit-train", 320, "--limit-test", 200, "--no-download",
+                         "--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--no-download",
                          "--no-plots")  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads((out / "results.json").read_text())
 
 
+CNN_ATOL = 2e-3  # 2 Adam steps; measured 2.6e-4 (weights) and 3.2e-4 (training-mode logits)
+
+
 def test_cnn_channels_last_bnfast_matches_torch_bn(cnn_smoke_run):
-    """10 Adam steps of the CNN: BatchNorm2d + ReLU fused in channels_last tracks torch's BN2d -> ReLU (the
-    redundant conv biases aside, as for the MLP)."""
+    """2 Adam steps of the CNN: BatchNorm2d + ReLU fused in channels_last tracks torch's BN2d -> ReLU (the
+    redundant conv biases aside, as for the MLP). Looser than the MLP's bound: Adam's first steps are lr*sign(g),
+    and a conv weight whose gradient is rounding noise (ReLU-dead patches) moves by +-lr in either model; the
+    gradients themselves match to float32 rounding (tests/test_batch_norm2d.py::test_convert_small_cnn)."""
     results = cnn_smoke_run
     assert results["config"]["arch"] == "cnn" and results["config"]["channels_last"]
     assert results["bnfast_backend"] == "interpreter"
     match = results["torch_bn_vs_bnfast"]
-    assert match["max_abs_diff"] < WEIGHT_ATOL and match["train_mode_logits_max_abs_diff"] < TRAIN_LOGITS_ATOL, match
+    assert match["max_abs_diff"] < CNN_ATOL and match["train_mode_logits_max_abs_diff"] < CNN_ATOL, match
     for name in MODELS:
         assert results["models"][name][-1]["train_loss"] < results["models"][name][0]["train_loss"], name
 

@@ -63,9 +63,11 @@ def pytest_generate_tests(metafunc):
         params, ids = [], []
         for case in harness.cases(smoke_run(metafunc.config)):
             for provider in harness.PROVIDERS:  # innermost: a case's providers run one after another
-                params.append((case.mode, case.activation, case.dtype, case.shape, provider))
+                params.append((case.mode, case.activation, case.dtype, case.shape, case.layout, case.residual,
+                               provider))  # fmt: skip
                 ids.append(f"{case.id}-{provider}")
-        metafunc.parametrize(("mode", "activation", "dtype", "shape", "provider"), params, ids=ids)
+        metafunc.parametrize(("mode", "activation", "dtype", "shape", "layout", "residual", "provider"), params,
+                             ids=ids)  # fmt: skip
     elif {"batch", "hidden", "model"} <= set(metafunc.fixturenames):
         params = metafunc.module.params(smoke_run(metafunc.config))
         ids = [f"batch{b}-hidden{h}-{m}" for b, h, m in params]
@@ -73,8 +75,8 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
-def case(mode, activation, dtype, shape):
-    return harness.Case(mode, activation, dtype, tuple(shape))
+def case(mode, activation, dtype, shape, layout, residual):
+    return harness.Case(mode, activation, dtype, tuple(shape), layout, residual)
 
 
 @pytest.fixture(scope="session")

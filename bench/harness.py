@@ -32,11 +32,14 @@ import time
 import torch
 from torch import nn
 
-from bench.traffic import MODES, min_bytes
+from bench.traffic import MODES, min_bytes, standalone_bytes
 
 BENCH_SHAPES = [(32, 32), (256, 1024), (4096, 256), (16384, 1024), (65536, 512), (262144, 64), (64, 256, 1024),
                 (8192, 64, 128)]  # fmt: skip
 SMOKE_SHAPES = [(8, 4), (2, 4, 5)]  # --benchmark-disable: tiny (N, C) and (N, C, L), run once under the interpreter
+RESNET_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
+SMOKE_2D_SHAPES = [(2, 4, 3, 5)]
+LAYOUTS = ("contiguous", "channels_last")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ACTIVATIONS = ("relu", "none")
 PROVIDERS = ("bnfast", "eager", "compile")
@@ -54,10 +57,13 @@ class Case:
     activation: str  # "none" or a bnfast activation name
     dtype: str  # key of DTYPES
     shape: tuple
+    layout: str = "contiguous"  # or "channels_last" (4-D/5-D)
+    residual: bool = False  # act(BN(x) + residual): the ResNet block tail
 
     @property
     def id(self) -> str:
-        return f"{self.mode}-{self.activation}-{self.dtype}-{shape_id(self.shape)}"
+        extra = ("-channels_last" if self.layout == "channels_last" else "") + ("-add" if self.residual else "")
+        return f"{self.mode}-{self.activation}-{self.dtype}-{shape_id(self.shape)}{extra}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,7 +71,11 @@ class Case:
 
     def min_bytes(self) -> int:
         size = torch.empty((), dtype=self.torch_dtype).element_size()
-        return min_bytes(self.mode, self.shape, size)
+        return min_bytes(self.mode, self.shape, size, residual=self.residual)
+
+    def standalone_bytes(self) -> int:
+        size = torch.empty((), dtype=self.torch_dtype).element_size()
+        return standalone_bytes(self.mode, self.shape, size, residual=self.residual)
 
 
 def shape_id(shape) -> str:
@@ -78,28 +88,50 @@ def cases(smoke: bool) -> list[Case]:
     modes = ("fwd+bwd", "fwd-train", "fwd-eval")
     assert sorted(modes) == sorted(MODES)
     shapes = SMOKE_SHAPES if smoke else BENCH_SHAPES
-    return [Case(m, a, d, s) for m in modes for d in DTYPES for a in ACTIVATIONS for s in shapes]
+    cases_1d = [Case(m, a, d, s) for m in modes for d in DTYPES for a in ACTIVATIONS for s in shapes]
+    return cases_1d + cases_2d(smoke)
+
+
+def cases_2d(smoke: bool) -> list[Case]:
+    """BatchNorm2d on ResNet-50's BN shapes at batch 256: fwd+bwd of BN + ReLU and BN + add + ReLU, float32 and
+    bfloat16, NCHW and channels_last (after the 1-D matrix: a run cut short keeps the headline cases)."""
+    shapes = SMOKE_2D_SHAPES if smoke else RESNET_SHAPES
+    return [Case("fwd+bwd", "relu", d, s, layout, residual) for residual in (False, True) for layout in LAYOUTS
+            for d in DTYPES for s in shapes]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- providers
+class TorchTail(nn.Module):
+    """torch's BN -> add -> activation, called as module(x, residual) like bnfast's fused module."""
+
+    def __init__(self, bn: nn.Module, act: nn.Module):
+        super().__init__()
+        self.bn, self.act = bn, act
+
+    def forward(self, x, residual):
+        return self.act(self.bn(x) + residual)
+
+
 def build_module(provider: str, case: Case, device: torch.device) -> nn.Module:
-    """BN(C) (+ activation) for `provider`, with random affine parameters and running stats (seeded, so every
-    provider starts from the same state), cast to the case's dtype like `model.to(dtype)`."""
+    """BN(C) (+ activation, + residual) for `provider`, with random affine parameters and running stats (seeded,
+    so every provider starts from the same state), cast to the case's dtype like `model.to(dtype)`."""
     import bnfast
 
-    C = case.shape[1]
+    C, dims = case.shape[1], max(1, len(case.shape) - 2)
     gen = torch.Generator().manual_seed(0)
-    bn = nn.BatchNorm1d(C, momentum=MOMENTUM, eps=EPS)
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](C, momentum=MOMENTUM, eps=EPS)
     with torch.no_grad():
         ranges = ((bn.weight, 0.5, 1.5), (bn.bias, -0.5, 0.5), (bn.running_mean, -1, 1), (bn.running_var, 0.5, 2))
         for t, lo, hi in ranges:
             t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
     act = bnfast.resolve_activation(None if case.activation == "none" else case.activation)
     if provider == "bnfast":
-        module = bnfast.FusedBatchNorm1d(C, momentum=MOMENTUM, eps=EPS, activation=act or None)
+        fused = {1: bnfast.FusedBatchNorm1d, 2: bnfast.FusedBatchNorm2d, 3: bnfast.FusedBatchNorm3d}[dims]
+        module = fused(C, momentum=MOMENTUM, eps=EPS, activation=act or None)
         module.load_state_dict(bn.state_dict())
     elif provider in ("eager", "compile"):
-        module = nn.Sequential(bn, act.module())  # nn.Identity for no activation: no kernel
+        # nn.Identity for no activation: no kernel
+        module = TorchTail(bn, act.module()) if case.residual else nn.Sequential(bn, act.module())
     else:
         raise ValueError(f"unknown provider {provider!r}")
     module = module.to(device=device, dtype=case.torch_dtype).train(case.mode != "fwd-eval")
@@ -111,46 +143,65 @@ def build_module(provider: str, case: Case, device: torch.device) -> nn.Module:
 
 
 def make_step(module: nn.Module, case: Case):
-    """step(x, dy) -> tuple of outputs: (y,) for the forward modes (under no_grad: forward cost only);
-    (y, dx, dweight, dbias) for fwd+bwd (autograd.grad: nothing accumulates into .grad between calls)."""
+    """step(x, [residual,] dy) -> tuple of outputs: (y,) for the forward modes (under no_grad: forward cost only);
+    (y, dx, [dresidual,] dweight, dbias) for fwd+bwd (autograd.grad: nothing accumulates into .grad)."""
     if case.mode != "fwd+bwd":
 
-        def step(x, dy):
+        def step(x, *rest):
             with torch.no_grad():
-                return (module(x),)
+                return (module(x, *rest[:-1]),)
 
         return step
     params = [p for p in module.parameters() if p.requires_grad]
 
-    def step(x, dy):
-        y = module(x)
-        return (y, *torch.autograd.grad(y, (x, *params), dy))
+    def step(x, *rest):
+        y = module(x, *rest[:-1])
+        return (y, *torch.autograd.grad(y, (x, *rest[:-1], *params), rest[-1]))
 
     return step
 
 
 def make_inputs(case: Case, device: torch.device, copies: int):
+    """[(x, [residual,] dy)] * copies, in the case's memory format."""
     gen = torch.Generator(device=device).manual_seed(1)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(case.shape), torch.contiguous_format)
+    fmt = fmt if case.layout == "channels_last" else torch.contiguous_format
+    grad = case.mode == "fwd+bwd"
+
+    def tensor(scale=1.0, shift=0.0):
+        t = torch.randn(case.shape, generator=gen, device=device) * scale + shift
+        return t.to(case.torch_dtype).contiguous(memory_format=fmt)
+
     out = []
     for _ in range(copies):
-        x = (torch.randn(case.shape, generator=gen, device=device) * 2 + 0.5).to(case.torch_dtype)
-        dy = torch.randn(case.shape, generator=gen, device=device).to(case.torch_dtype)
-        out.append((x.requires_grad_(case.mode == "fwd+bwd"), dy))
+        x = tensor(2.0, 0.5).requires_grad_(grad)
+        residual = (tensor().requires_grad_(grad),) if case.residual else ()
+        out.append((x, *residual, tensor()))
     return out
 
 
-def reference(case: Case, state: dict, x: torch.Tensor, dy: torch.Tensor):
-    """The float64 reference outputs (bnfast.reference.batch_norm_ref) from the module's initial state."""
+def reference(case: Case, state: dict, x: torch.Tensor, *rest):
+    """The float64 reference outputs (bnfast.reference.batch_norm_ref) from the module's initial state; `rest` is
+    (dy,) or (residual, dy)."""
     from bnfast.reference import batch_norm_ref
 
-    x64 = x.detach().double().requires_grad_(case.mode == "fwd+bwd")
-    w64, b64 = (state[k].double().requires_grad_(case.mode == "fwd+bwd") for k in ("weight", "bias"))
-    act = None if case.activation == "none" else case.activation
-    y, _, _ = batch_norm_ref(x64, state["running_mean"].double(), state["running_var"].double(), w64, b64,
-                             case.mode != "fwd-eval", MOMENTUM, EPS, act, upcast=True)  # fmt: skip
-    if case.mode != "fwd+bwd":
+    grad = case.mode == "fwd+bwd"
+    x64 = x.detach().double().requires_grad_(grad)
+    r64 = [r.detach().double().requires_grad_(grad) for r in rest[:-1]]
+    w64, b64 = (state[k].double().requires_grad_(grad) for k in ("weight", "bias"))
+    act = bnfast_activation(case)
+    z, _, _ = batch_norm_ref(x64, state["running_mean"].double(), state["running_var"].double(), w64, b64,
+                             case.mode != "fwd-eval", MOMENTUM, EPS, None, upcast=True)  # fmt: skip
+    y = act.apply(z + r64[0] if r64 else z)
+    if not grad:
         return (y.detach(),)
-    return (y.detach(), *torch.autograd.grad(y, (x64, w64, b64), dy.double()))
+    return (y.detach(), *torch.autograd.grad(y, (x64, *r64, w64, b64), rest[-1].double()))
+
+
+def bnfast_activation(case: Case):
+    import bnfast
+
+    return bnfast.resolve_activation(None if case.activation == "none" else case.activation)
 
 
 def initial_state(module: nn.Module) -> dict:
@@ -161,7 +212,8 @@ def initial_state(module: nn.Module) -> dict:
 def check(outputs, expected, dtype) -> float:
     """Largest normalised error over the outputs; raises AssertionError past CHECK_TOL[dtype]."""
     worst = 0.0
-    names = ("y", "dx", "dweight", "dbias")[: len(expected)]
+    names = ("y", "dx", "dresidual", "dweight", "dbias") if len(expected) == 5 else ("y", "dx", "dweight", "dbias")
+    names = names[: len(expected)]
     for name, out, ref in zip(names, outputs, expected, strict=True):
         err = (out.detach().double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
         assert err <= CHECK_TOL[dtype], f"{name}: normalised error {err:.3g} > {CHECK_TOL[dtype]:g} ({dtype})"
@@ -211,7 +263,7 @@ def rotation_copies(case: Case, device) -> int:
     """Copies such that between two uses of one copy the others move more than 2x L2 (see module docstring)."""
     per_call = case.min_bytes()
     input_bytes = math.prod(case.shape) * torch.empty((), dtype=case.torch_dtype).element_size()
-    input_bytes *= 2 if case.mode == "fwd+bwd" else 1  # x, and dy
+    input_bytes *= (2 if case.mode == "fwd+bwd" else 1) + case.residual  # x, dy, residual
     copies = math.ceil(2 * l2_bytes(device) / per_call) + 1
     return max(1, min(copies, MAX_COPIES, MAX_COPY_BYTES // max(1, input_bytes)))
 

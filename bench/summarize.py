@@ -37,7 +37,8 @@ def bn_cases(run: dict) -> dict[str, dict]:
         info = b.get("extra_info", {})
         if "provider" not in info or "mode" not in info:
             continue
-        case = cases.setdefault(b["group"], {"info": {k: info[k] for k in ("mode", "activation", "dtype", "shape")}})
+        keys = ("mode", "activation", "dtype", "shape", "layout", "residual")
+        case = cases.setdefault(b["group"], {"info": {k: info.get(k) for k in keys}})
         case[info["provider"]] = {"median": b["stats"]["median"], **info}
     return cases
 
@@ -72,7 +73,9 @@ def _ratio(case, other):
 
 
 def _shape(info):
-    return "x".join(map(str, info["shape"]))
+    """e.g. 256x64x112x112 cl+add: channels_last, with the fused residual add."""
+    extra = (" cl" if info.get("layout") == "channels_last" else "") + ("+add" if info.get("residual") else "")
+    return "x".join(map(str, info["shape"])) + extra
 
 
 def bn_table(cases: dict, reasons: dict, select=None) -> list[str]:

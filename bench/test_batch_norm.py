@@ -1,11 +1,15 @@
-"""BatchNorm1d (+ activation) microbenchmarks: bnfast vs torch eager vs torch.compile, side by side.
+"""BatchNorm (+ activation, + residual) microbenchmarks: bnfast vs torch eager vs torch.compile, side by side.
+
+BatchNorm1d on the 1-D matrix, then BatchNorm2d on ResNet-50's BN shapes at batch 256 (NCHW and channels_last,
+BN + ReLU and BN + add + ReLU; bench/harness.py `cases_2d`).
 
 One pytest-benchmark group per case (mode, activation, dtype, shape), holding the three providers. Modes:
 fwd-train and fwd-eval (forward under no_grad: the forward's own cost) and fwd+bwd (training forward, then
 autograd.grad of x, weight and bias). Timing: bench/harness.py. Bytes: bench/traffic.py.
 
-extra_info of every result: the case, min_bytes, GBps (min_bytes / median device time), copy_GBps (the
-session's measured device-to-device copy), frac_of_copy_bw, speedup_vs_eager and speedup_vs_compile (from this
+extra_info of every result: the case, min_bytes and standalone_bytes (bench/traffic.py), GBps (min_bytes /
+median device time), copy_GBps (the session's measured device-to-device copy), frac_of_copy_bw (and
+standalone_frac_of_copy_bw, on the standalone floor), speedup_vs_eager and speedup_vs_compile (from this
 session's medians), host_us (host time to enqueue one call), copies (input rotation), max_err (normalised error
 of the first call against the float64 reference).
 """
@@ -13,11 +17,12 @@ of the first call against the float64 reference).
 from bench import harness
 
 
-def test_bn1d(benchmark, case, provider, device, copy_bandwidth):
+def test_batch_norm(benchmark, case, provider, device, copy_bandwidth):
     benchmark.group = case.id
     info = benchmark.extra_info
     info.update(mode=case.mode, activation=case.activation, dtype=case.dtype, shape=list(case.shape),
-                provider=provider, min_bytes=case.min_bytes())  # fmt: skip
+                layout=case.layout, residual=case.residual, provider=provider, min_bytes=case.min_bytes(),
+                standalone_bytes=case.standalone_bytes())  # fmt: skip
     smoke = benchmark.disabled
     copies = 1 if smoke else harness.rotation_copies(case, device)
     inputs = harness.make_inputs(case, device, copies)
@@ -44,5 +49,6 @@ def test_bn1d(benchmark, case, provider, device, copy_bandwidth):
         GBps=round(case.min_bytes() / median / 1e9, 3),
         copy_GBps=round(copy_bandwidth / 1e9, 1),
         frac_of_copy_bw=round(case.min_bytes() / median / copy_bandwidth, 4),
+        standalone_frac_of_copy_bw=round(case.standalone_bytes() / median / copy_bandwidth, 4),
     )
     harness.record(case.id, provider, median, info)

@@ -8,9 +8,12 @@ the backward), per forward and per forward+backward of FusedBatchNorm1d(32, acti
 Triton's own launch path (`JITFunction.run`: argument binding, cache lookup, the driver call) is excluded:
 it is the same for every Triton kernel and bnfast cannot shorten it except by launching fewer kernels.
 
-Beside it, as yardsticks on the same shape: torch's own CPU `F.batch_norm` + `F.relu` (real compute, tiny),
-and the two autograd entries of bnfast/ops.py called directly (the torch.library op in eager vs the
-autograd.Function), which is the measurement behind keeping the Function as the eager entry.
+Beside it, as yardsticks on the same shape: torch's own CPU `F.batch_norm` + `F.relu` (real compute, tiny);
+"autograd-floor", an autograd.Function with bnfast's 13 inputs that only allocates its outputs (y, mean, rstd;
+dx, dweight, dbias): what any autograd.Function-based layer pays to torch (apply, save, the engine), so
+bnfast's own Python is the "bnfast" figure minus this one; and the two autograd entries of bnfast/ops.py
+called directly (the torch.library op in eager vs the autograd.Function), which is the measurement behind
+keeping the Function as the eager entry.
 
     PYTHONPATH=. pytest bench/test_host_overhead.py --benchmark-only      # CPU or CUDA (CUDA tensors then)
 Runs under `--benchmark-disable` (CI) as a smoke test: each body once.
@@ -24,7 +27,24 @@ import bnfast
 from bnfast import ops
 
 SHAPE = (32, 32)  # the MNIST layer
-PROVIDERS = ("bnfast", "op-entry", "function-entry", "torch")
+PROVIDERS = ("bnfast", "op-entry", "function-entry", "autograd-floor", "torch")
+
+
+class _AllocateOnly(torch.autograd.Function):
+    """The autograd floor: bnfast's inputs and outputs, no work."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rm, rv, nbt, training, momentum, cumulative, eps, activation, param, residual):
+        C = x.shape[1]
+        y, mean, rstd = torch.empty_like(x), x.new_empty(C), x.new_empty(C)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, bias, _, _ = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), *(None,) * 10
 
 
 def _device():
@@ -45,6 +65,9 @@ def _step(provider, mode, device):
     elif provider == "function-entry":
         forward = lambda x: ops.BatchNormFunction.apply(x, w, b, rm, rv, None, True, 0.1, False, 1e-5, "relu",  # noqa: E731
                                                         0.0, None)[0]  # fmt: skip
+    elif provider == "autograd-floor":
+        forward = lambda x: _AllocateOnly.apply(x, w, b, rm, rv, None, True, 0.1, False, 1e-5, "relu", 0.0,  # noqa: E731
+                                                None)[0]  # fmt: skip
     else:
         forward = lambda x: F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))  # noqa: E731
     if mode == "fwd":
@@ -69,7 +92,7 @@ def test_host_overhead(benchmark, provider, mode):
     benchmark.group = f"host time per {mode}, {SHAPE[0]}x{SHAPE[1]} (launches recorded, not run)"
     benchmark.extra_info.update(provider=provider, mode=mode, shape=list(SHAPE))
     step = _step(provider, mode, _device())
-    if provider == "torch":  # a yardstick that really computes (on CPU) or launches (CUDA)
+    if provider in ("torch", "autograd-floor"):  # yardsticks: no bnfast launch to record
         benchmark.pedantic(step, rounds=200 if not benchmark.disabled else 1, iterations=10, warmup_rounds=5)
         return
     with bnfast.testing.record_launches() as log:

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:  # bench/ is not installed with the package
 
 from bench import harness  # noqa: E402
 from bench.summarize import summarize  # noqa: E402
-from bench.traffic import min_bytes  # noqa: E402
+from bench.traffic import min_bytes, standalone_bytes  # noqa: E402
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
 
@@ -31,11 +31,19 @@ def test_min_bytes_formula():
     assert min_bytes("fwd-eval", (8, 4), 2, param_size=4) == 2 * 32 * 2 + 4 * 4 * 4
     with pytest.raises(ValueError):
         min_bytes("bwd", (8, 4), 4)
+    # the residual: read r in the forward, write dr in the backward; the standalone floor also reads x (and dy)
+    # twice and r again in the backward
+    assert min_bytes("fwd+bwd", (2, 4, 3, 5), 4, residual=True) == 7 * 120 * 4 + 8 * 4 * 4
+    assert standalone_bytes("fwd+bwd", (2, 4, 3, 5), 4) == 8 * 120 * 4 + 8 * 4 * 4
+    assert standalone_bytes("fwd+bwd", (2, 4, 3, 5), 4, residual=True) == 11 * 120 * 4 + 8 * 4 * 4
 
 
-def test_case_matrix_matches_the_issue():
+def test_case_matrix_matches_the_issues():
     cases = harness.cases(smoke=False)
-    assert len(cases) == 3 * 2 * 2 * 8  # modes x activations x dtypes x shapes
+    one_d, two_d = [c for c in cases if len(c.shape) <= 3], [c for c in cases if len(c.shape) == 4]
+    assert len(one_d) == 3 * 2 * 2 * 8  # modes x activations x dtypes x shapes
+    assert len(two_d) == 2 * 2 * 2 * 4  # residual x layouts x dtypes x ResNet-50 shapes, fwd+bwd BN+ReLU
+    assert {c.shape for c in two_d} == {(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)}
     assert cases[0] == harness.Case("fwd+bwd", "relu", "float32", (32, 32))  # headline cases run first
     assert len({c.id for c in cases}) == len(cases)
 

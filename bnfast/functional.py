@@ -54,17 +54,16 @@ def _needs_torch_ops() -> bool:
 
 def _common_case(x, tensors, training, eps) -> bool:
     """The cheap tests of the module docstring: True when nothing needs torch's verdict."""
-    if x.dtype not in _SUPPORTED_DTYPES or x.dim() < 2:
+    dtype = x.dtype
+    if dtype not in _SUPPORTED_DTYPES or x.dim() < 2 or not eps > 0:  # `not eps > 0` also catches NaN
         return False
-    if not eps > 0:  # also catches NaN
-        return False
-    C = x.shape[1]
+    C, device, half = x.shape[1], x.get_device(), dtype in _HALF
     for t in tensors:
         if t is None:
             continue
-        if t.dtype != x.dtype and not (x.dtype in _HALF and t.dtype == torch.float32):
+        if t.dtype is not dtype and not (half and t.dtype is torch.float32):
             return False
-        if t.dim() != 1 or t.shape[0] != C or t.device != x.device:
+        if t.shape != (C,) or t.get_device() != device:  # get_device: an int, cheaper than a torch.device
             return False
     if training:
         return x.numel() != C  # more than one value per channel (x.numel() == 0 takes torch's path anyway)

@@ -63,20 +63,22 @@ class FusedBatchNormBase:
         activation, in the same passes, and receives the gradient dy * act'(z) (a ResNet block's tail)."""
         # the input-dim check (torch's message) runs inside batch_norm_impl: `input.dim()` would be an fx Proxy
         # here, and symbolic_trace cannot branch on one
-        count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats  # only then are the buffers read or written
+        training, running_mean, running_var = self.training, self.running_mean, self.running_var
+        nbt = self.num_batches_tracked  # read in eval too: an fx-traced module keeps the buffer in its state_dict
+        count_batch = training and self.track_running_stats and nbt is not None  # `+= 1` after the checks pass
+        bn_training = training or (running_mean is None and running_var is None)
+        use_buffers = not training or self.track_running_stats  # only then are the buffers read or written
         return batch_norm_impl(
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
+            running_mean if use_buffers else None,
+            running_var if use_buffers else None,
             self.weight,
             self.bias,
             bn_training,
             self.momentum,
             self.eps,
             self.activation,
-            self.num_batches_tracked,
+            nbt,
             count_batch,
             self._INPUT_DIMS,
             residual,

@@ -186,6 +186,8 @@ def as_ncs(t: torch.Tensor, transposed_2d: bool = False) -> Ncs:
 def new_output(x: torch.Tensor) -> torch.Tensor:
     """An output like torch's batch_norm allocates it: channels_last for a channels_last 4-D/5-D input,
     contiguous otherwise."""
+    if x.is_contiguous():
+        return torch.empty_like(x)  # the common case, and the cheapest call (a third of torch.empty's host time)
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.empty_like(x, memory_format=torch.channels_last)
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
@@ -198,9 +200,10 @@ def config_for(x: Ncs, widen: int) -> LaunchConfig:
     return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.device), PLAN_OVERRIDE)
 
 
-def _stat_pair(C, dtype, device):
-    """mean and rstd: two allocations, not rows of one (they are op outputs, which must not alias)."""
-    return torch.empty(C, dtype=dtype, device=device), torch.empty(C, dtype=dtype, device=device)
+def _stat_pair(like: torch.Tensor, C: int, dtype: torch.dtype):
+    """mean and rstd on `like`'s device: two allocations, not rows of one (they are op outputs, which must not
+    alias)."""
+    return like.new_empty(C, dtype=dtype), like.new_empty(C, dtype=dtype)
 
 
 def _vec_stride(t: torch.Tensor | None) -> int:
@@ -336,9 +339,7 @@ def grad_input(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, rstd, sums, cfg, *, 
 def forward_outputs(x: torch.Tensor, training: bool):
     """(y, mean, rstd) allocated as `bn_fwd` allocates them (mean/rstd are 0-element in eval): also what the
     torch.library op's fake implementation returns."""
-    acc = acc_dtype(x.dtype)
-    C = x.shape[1] if training else 0
-    mean, rstd = _stat_pair(C, acc, x.device)
+    mean, rstd = _stat_pair(x, x.shape[1] if training else 0, acc_dtype(x.dtype))
     return new_output(x), mean, rstd
 
 
@@ -347,8 +348,8 @@ def backward_outputs(x, weight, bias, output_mask, residual=None):
     there is no such input. output_mask = (dx, dweight, dbias[, dresidual])."""
     C = x.shape[1]
     dx = new_output(x) if output_mask[0] else None
-    dw = torch.empty(C, dtype=weight.dtype, device=x.device) if output_mask[1] and weight is not None else None
-    db = torch.empty(C, dtype=bias.dtype, device=x.device) if output_mask[2] and bias is not None else None
+    dw = weight.new_empty(C) if output_mask[1] and weight is not None else None  # contiguous, the weight's dtype
+    db = bias.new_empty(C) if output_mask[2] and bias is not None else None
     needs_dr = len(output_mask) > 3 and output_mask[3] and residual is not None
     dr = new_output(residual) if needs_dr else None
     return dx, dw, db, dr

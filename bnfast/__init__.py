@@ -12,6 +12,7 @@ from .convert import convert
 from .fold import fold
 from .functional import batch_norm, uses_triton
 from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedSyncBatchNorm
+from .recalibrate import recalibrate
 
 guards.install()  # torch's BatchNorm converters refuse a fused activation instead of dropping it
 
@@ -25,6 +26,7 @@ __all__ = [
     "batch_norm",
     "convert",
     "fold",
+    "recalibrate",
     "resolve_activation",
     "testing",
     "uses_triton",

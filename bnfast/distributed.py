@@ -238,6 +238,18 @@ class _TorchStages:
         dx.copy_((w * rstd).view(shape) * (g - mean_sums[0].view(shape) - xhat * mean_sums[1].view(shape)))
 
 
+def local_partials(x: torch.Tensor) -> torch.Tensor:
+    """x's packed (4, C) partials in ACC (count, mean of x - shift, M2, shift), as the forward sends them: the
+    kernels' stats stages on the split plan, or the torch-op stages. Also `bnfast.recalibrate`'s unit."""
+    acc = launch.acc_dtype(x.dtype)
+    if x.numel() == 0:
+        return torch.zeros((4, x.shape[1]), dtype=acc, device=x.device)
+    x3 = launch.as_ncs(x, launch.is_transposed_2d(x))
+    if not functional.uses_triton(x):
+        return _TorchStages.local_stats(x, x3, None)
+    return _KernelStages.local_stats(x, x3, launch.config_for(x3, launch.register_widening(acc), split=True))
+
+
 # ------------------------------------------------------------------------------------------------- autograd
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training forward and backward over a process group (see the module docstring). Inputs: (x, weight, bias,

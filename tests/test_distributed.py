@@ -5,7 +5,8 @@ torch-op stages, TRITON_INTERPRET=0 in the workers). Each rank runs every case o
 `force_plan("split", tile_elements=8)` so that each rank's partials have several splits, and saves what it
 computed; the tests compare in this process against torch's non-synced BatchNorm + activation on the
 concatenated global batch, in float64: y, dx, the all-reduced dweight/dbias (the sum over ranks: what DDP
-averages), running stats on every rank (bit-identical across ranks), num_batches_tracked, eval outputs.
+averages), running stats on every rank (bit-identical across ranks), num_batches_tracked, eval outputs; DDP
+training of a converted MLP; `bnfast.recalibrate` on each rank's shard against float64 over all the data.
 A spawn costs a few seconds (each worker imports torch, triton and bnfast), so cases share one.
 """
 
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from test_recalibrate import make_batches, make_model, population_stats  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bnfast  # noqa: E402
@@ -161,6 +163,14 @@ def _run_ddp(rank, world):
     return info
 
 
+def _run_recalibrate(rank, world):
+    """Each rank recalibrates on its shard of the batches: the statistics of the whole data set on every rank."""
+    model = make_model().eval()
+    bnfast.recalibrate(model, make_batches(n=2 * world)[rank::world])
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in bns}
+
+
 def _worker(rank, world, store, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -168,6 +178,7 @@ def _worker(rank, world, store, out_dir):
         with bnfast.testing.force_plan("split", tile_elements=8):
             for case in _cases(world):
                 results[case.name] = _run_case(case, rank, world)
+            results["recalibrate"] = _run_recalibrate(rank, world)
             if world == 2:
                 results["world-size-one-group"] = _world_size_one_group(rank)
                 results["ddp"] = _run_ddp(rank, world)
@@ -278,6 +289,17 @@ def test_ddp_training_of_a_converted_mlp_matches_full_batch_training(runs, run):
         for key, value in expected.items():
             where = f"rank {rank} {key}"
             torch.testing.assert_close(ddp["state"][key], value, **TOL, msg=lambda m, w=where: f"{w}: {m}")
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_recalibrate_across_ranks_equals_float64_over_all_shards(runs, run):
+    world = RUNS[run][0]
+    expected = population_stats(make_model().eval(), [x for x, _ in make_batches(n=2 * world)])
+    for rank, result in enumerate(runs(run)):
+        for name, (mean, var) in expected.items():
+            got_mean, got_var = result["recalibrate"][name]
+            torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=1e-12, msg=f"rank {rank} {name} mean")
+            torch.testing.assert_close(got_var, var, rtol=1e-12, atol=1e-12, msg=f"rank {rank} {name} var")
 
 
 def test_world_size_one_is_the_plain_module(runs):

@@ -13,7 +13,9 @@ setup(
     # kernels/ installs as bnfast.kernels: PyPI already has an unrelated top-level package named `kernels`.
     packages=["bnfast", "bnfast.kernels"],
     package_dir={"bnfast": "bnfast", "bnfast.kernels": "kernels"},
-    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'"],
+    # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the kernels run on CPU) imports it, and torch warns
+    # at import without it, yet neither package declares it.
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
         "examples": ["torchvision", "matplotlib", "tqdm"],

@@ -25,13 +25,14 @@ What is reported per configuration and arch:
   data travels packed in b32 lanes: 128 bits = 8 values).
 
 `expect_vec128` marks the configurations that must load and store x-sized tiles 128 bits wide: float32, a
-kernel that streams an x tile (all but the two finalize kernels), and for every tensor the kernel streams, a
-unit-stride axis with a tile extent of 4 or more whose extent (C or L) is a multiple of 16 values: c for
-(N, C); s for contiguous (N, C, L); for channels-last (N, C, L) both c (x) and s (y, dy, dx: allocated
-contiguous, as torch allocates them). The multiple of 16 is what "alignment allows" means for Triton: it only
-knows that an integer is divisible by 16 (the `tt.divisibility` hint); with C = 10, say, neither the row starts nor the
+kernel that streams an x tile (all but the two finalize kernels), at least 4 values per thread, and for every
+tensor the kernel streams, a unit-stride axis with a tile extent of 4 or more whose extent (C or S) is a
+multiple of 16 values: c for (N, C); s for contiguous (N, C, L) and NCHW (S = H*W); for channels-last
+(N, C, L) both c (x) and s (y, dy, dx: allocated contiguous, as torch allocates them); c alone for
+channels_last 4-D/5-D. The multiple of 16 is what "alignment allows" means for Triton: it only knows that an
+integer is divisible by 16 (the `tt.divisibility` hint); with C = 10, say, neither the row starts nor the
 bound of the mask are known to fall on 4-value boundaries, so it must load one value at a time.
-tests/test_kernel_report.py asserts `spill == 0` everywhere and 128-bit loads and stores where expected.
+tests/test_kernel_report.py asserts no spills (on the tested stacks) and 128-bit loads and stores where expected.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import contextlib
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -72,6 +74,8 @@ EXTRA_VARIANTS = [("float16", "relu"), ("float64", "relu"), ("bfloat16", "mish")
 ]
 # the largest tile per thread of each plan and layout (fused (N, C); split (N, C) and (N, C, L)): where registers peak
 HEAVY_SHAPES = [(256, 1024), (4096, 256), (64, 256, 1024), (8192, 64, 128)]
+# ResNet-50's BatchNorm2d shapes at batch 256 (issue 11's benchmark cases), NCHW and channels_last
+RESNET_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
 # 3-D shapes also run in the channels-last layout (stride_c = 1): aligned (C, L multiples of 16) and odd ones
 CHANNELS_LAST_SHAPES = [(64, 256, 1024), (8192, 64, 128), (2, 3, 7), (130, 40, 3), (4, 64, 48)]
 # matrix -> [(shapes, variants[, layouts[, plan]])] (layouts default to contiguous only; plan, if given, is the
@@ -84,6 +88,8 @@ MATRICES = {
     "ci": [
         (BENCH_SHAPES + TEST_SHAPES, [("float32", "relu"), ("bfloat16", "relu")]),
         (CHANNELS_LAST_SHAPES, [("float32", "relu")], ("channels_last",)),
+        # BN + add + ReLU (the fused residual) on ResNet shapes, both memory formats
+        (RESNET_SHAPES[::3], [("float32", "relu", "residual"), ("bfloat16", "relu", "residual")], LAYOUTS),
         # what the tests run under force_plan("split", tile_elements=64): tiny tiles, many splits
         (TEST_SHAPES, [("float32", "relu")], LAYOUTS, ("split", 64)),
         (HEAVY_SHAPES, [("float64", "mish")]),
@@ -116,6 +122,7 @@ MATRICES = {
     "default": [
         (BENCH_SHAPES + TEST_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS),
         (CHANNELS_LAST_SHAPES, CORE_VARIANTS, ("channels_last",)),
+        (RESNET_SHAPES, CORE_VARIANTS + [(d, "relu", "residual") for d in ("float32", "bfloat16")], LAYOUTS),
     ],
     "full": [
         (BENCH_SHAPES + TEST_SHAPES + TYPICAL_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS, LAYOUTS),
@@ -144,8 +151,11 @@ def _describe(a):
 
 
 def _meta_input(shape, layout, dtype):
-    if layout == "channels_last":  # (N, L, C) transposed: stride_c = 1
+    if layout == "channels_last" and len(shape) == 3:  # (N, L, C) transposed: stride_c = 1
         return torch.empty((shape[0], shape[2], shape[1]), device="meta", dtype=dtype).transpose(1, 2)
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return torch.empty(shape, device="meta", dtype=dtype, memory_format=fmt)
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
@@ -159,27 +169,30 @@ def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_cou
     saved_sm_count = launch._sm_count
     out = []
     try:
-        for sms, shape, layout, (dtype_name, act) in itertools.product(sm_counts, shapes, layouts, variants):
-            if layout == "channels_last" and len(shape) != 3:
+        for sms, shape, layout, variant in itertools.product(sm_counts, shapes, layouts, variants):
+            dtype_name, act, *extra = variant
+            if layout == "channels_last" and len(shape) < 3:
                 continue
             launch._sm_count = lambda device, sms=sms: sms
             dtype = getattr(torch, dtype_name)
             C = shape[1]
             x = _meta_input(shape, layout, dtype)
+            residual = torch.empty_like(x) if "residual" in extra else None
             w, b, rm, rv = (torch.empty(C, device="meta", dtype=dtype) for _ in range(4))
             for training in (True, False):
                 with recording() as log, force_plan(*plan) if plan else contextlib.nullcontext():
                     y, mean, rstd = launch.bn_fwd(
                         x, w, b, rm, rv, None, training=training, momentum=0.1, cumulative=False, eps=1e-5,
-                        activation=act, act_param=0.0,
+                        activation=act, act_param=0.0, residual=residual,
                     )  # fmt: skip
                     saved = (mean, rstd) if training else (rm, rv)
                     launch.bn_bwd(torch.empty_like(y), x, w, b, *saved, training=training, eps=1e-5, activation=act,
-                                  act_param=0.0)  # fmt: skip
+                                  act_param=0.0, residual=residual, needs_dr=residual is not None)  # fmt: skip
                 for name, _grid, args, kwargs in log:
                     mode = "train" if training else "eval"
-                    ctx = dict(shape=shape, layout=layout, dtype=dtype_name, activation=act or "none", mode=mode,
-                               sms=sms, plan=plan[0] if plan else "auto")  # fmt: skip
+                    ctx = dict(shape=shape, layout=layout, dtype=dtype_name, mode=mode, sms=sms,
+                               activation=(act or "none") + ("+residual" if residual is not None else ""),
+                               plan=plan[0] if plan else "auto")  # fmt: skip
                     out.append((name, tuple(_describe(a) for a in args),
                                 {k: _describe(v) for k, v in kwargs.items()}, ctx))  # fmt: skip
     finally:
@@ -309,11 +322,16 @@ def expects_vec128(name, shape, dtype, kwargs, layout="contiguous") -> bool:
     """The rule stated in the module docstring."""
     if dtype != "float32" or name in FINALIZE_KERNELS:
         return False
+    tile = kwargs["BLOCK_N"] * kwargs["BLOCK_C"] * kwargs["BLOCK_S"]
+    if tile < 4 * 32 * kwargs.get("num_warps", 4):  # fewer than 4 values per thread (the tests' forced tiny tiles)
+        return False
     c_ok = kwargs["BLOCK_C"] >= 4 and shape[1] % 16 == 0
     if len(shape) == 2:
         return c_ok
-    s_ok = kwargs["BLOCK_S"] >= 4 and shape[2] % 16 == 0
-    return s_ok and (c_ok or layout != "channels_last")
+    s_ok = kwargs["BLOCK_S"] >= 4 and math.prod(shape[2:]) % 16 == 0
+    if layout != "channels_last":
+        return s_ok
+    return c_ok and (s_ok or len(shape) > 3)  # 4-D/5-D channels_last: y and dx are channels_last too
 
 
 def build_configs(matrix: str):

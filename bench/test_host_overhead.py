@@ -44,7 +44,7 @@ def _step(provider, mode, device):
         forward = lambda x: ops.batch_norm_op(x, w, b, rm, rv, None, True, 0.1, False, 1e-5, "relu", 0.0)[0]  # noqa: E731
     elif provider == "function-entry":
         forward = lambda x: ops.BatchNormFunction.apply(x, w, b, rm, rv, None, True, 0.1, False, 1e-5, "relu",  # noqa: E731
-                                                        0.0)[0]  # fmt: skip
+                                                        0.0, None)[0]  # fmt: skip
     else:
         forward = lambda x: F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))  # noqa: E731
     if mode == "fwd":

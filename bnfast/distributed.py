@@ -288,7 +288,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x, weight, bias, mean, rstd, rows = ctx.saved_tensors
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
         stages, act = ctx.stages, ctx.act
-        dx, dw, db = launch.backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))
+        dx, dw, db = launch.backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))[:3]
         transposed = launch.is_transposed_2d(x)
         x3, dy3 = launch.as_ncs(x, transposed), launch.as_ncs(dy, transposed)
         cfg = launch.config_for(x3, launch.register_widening(mean.dtype, act.name, backward=True), split=True)

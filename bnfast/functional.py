@@ -101,21 +101,25 @@ def batch_norm(
     *,
     activation=None,
     num_batches_tracked: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`act(F.batch_norm(input, ...))` in fused passes, for (N, C), (N, C, L) and (N, C, *spatial) inputs.
+    """`act(F.batch_norm(input, ...) + residual)` in fused passes, for (N, C), (N, C, L), (N, C, H, W) and
+    (N, C, D, H, W) inputs in any memory format.
 
     Same arguments and semantics as torch.nn.functional.batch_norm, plus `activation` (a name such as "relu"
     or a module such as nn.LeakyReLU(0.2); see `bnfast.SUPPORTED_ACTIVATIONS`) and `num_batches_tracked`:
     with momentum=None and training, the running stats take the cumulative average with factor
-    1/num_batches_tracked (the caller increments it first, as nn.BatchNorm1d does).
+    1/num_batches_tracked (the caller increments it first, as nn.BatchNorm1d does), and `residual` (the input's
+    shape, dtype and device, any strides), added before the activation and given the gradient dy * act'(z).
     In training with running stats, running_mean/running_var are updated in place.
     """
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                           resolve_activation(activation), num_batches_tracked, False)  # fmt: skip
+                           resolve_activation(activation), num_batches_tracked, False, residual=residual)  # fmt: skip
 
 
 def batch_norm_impl(x, running_mean, running_var, weight, bias, training, momentum, eps, act: Activation,
-                    num_batches_tracked, count_batch: bool, input_dims: tuple[int, ...] | None = None):  # fmt: skip
+                    num_batches_tracked, count_batch: bool, input_dims: tuple[int, ...] | None = None,
+                    residual: torch.Tensor | None = None):  # fmt: skip
     """`batch_norm` with a resolved activation; `count_batch` increments num_batches_tracked (the modules'
     `+= 1`) after the checks, so that a rejected call changes nothing; `input_dims` are the dims a module
     accepts (its `_check_input_dim`, with torch's message)."""
@@ -125,6 +129,11 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
     tensors = (weight, bias, running_mean, running_var)
     if not _common_case(x, tensors, training, eps):
         _torch_verdict(x, running_mean, running_var, weight, bias, training, eps)
+    if residual is not None and (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
+        raise ValueError(
+            f"bnfast: residual must have the input's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, "
+            f"{x.device}); got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
+        )
     cumulative = training and momentum is None
     if cumulative and num_batches_tracked is None and running_mean is not None:
         raise ValueError("momentum=None (cumulative average) needs the num_batches_tracked tensor")
@@ -134,28 +143,32 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
     traced = _is_traced(x)
     if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()):
         return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative,
-                                 num_batches_tracked, eps, act)  # fmt: skip
+                                 num_batches_tracked, eps, act, residual)  # fmt: skip
     if traced:
         y, _, _, new_mean, new_var = ops.batch_norm_op(x, weight, bias, running_mean, running_var,
                                                        num_batches_tracked if cumulative else None, training,
-                                                       factor, cumulative, eps, act.name, act.param)  # fmt: skip
+                                                       factor, cumulative, eps, act.name, act.param,
+                                                       residual)  # fmt: skip
         if training and running_mean is not None:
             with torch.no_grad():  # in place: modules, DDP and optimizers hold these very tensors
                 running_mean.copy_(new_mean)
                 running_var.copy_(new_var)
         return y
     return ops.BatchNormFunction.apply(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                       factor, cumulative, eps, act.name, act.param)[0]  # fmt: skip
+                                       factor, cumulative, eps, act.name, act.param, residual)[0]  # fmt: skip
 
 
 def _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative, nbt, eps,
-                      act: Activation):  # fmt: skip
-    """The fallback: torch's batch_norm, then the activation as a separate torch op."""
+                      act: Activation, residual=None):  # fmt: skip
+    """The fallback: torch's batch_norm, the residual add and the activation as separate torch ops."""
     if cumulative and running_mean is not None:
         if _is_traced(x) or x.device.type != "cpu":  # float(nbt) would sync the device / break the graph
-            return act.apply(_torch_cumulative_batch_norm(x, running_mean, running_var, weight, bias, nbt, eps))
-        factor = 1.0 / float(nbt)
-    return act.apply(F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps))
+            z = _torch_cumulative_batch_norm(x, running_mean, running_var, weight, bias, nbt, eps)
+        else:
+            z = F.batch_norm(x, running_mean, running_var, weight, bias, training, 1.0 / float(nbt), eps)
+    else:
+        z = F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
+    return act.apply(z if residual is None else z + residual)
 
 
 def _torch_cumulative_batch_norm(x, running_mean, running_var, weight, bias, nbt, eps):

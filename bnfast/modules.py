@@ -63,7 +63,9 @@ class FusedBatchNormBase:
             "launches); use torch.compile or torch.export, or bnfast.fold for inference"
         )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(BN(input) + residual): `residual` (optional, the input's shape, any strides) is added before the
+        activation, in the same passes, and receives the gradient dy * act'(z) (a ResNet block's tail)."""
         # the input-dim check (torch's message) runs inside batch_norm_impl: `input.dim()` would be an fx Proxy
         # here, and symbolic_trace cannot branch on one
         count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -82,6 +84,7 @@ class FusedBatchNormBase:
             self.num_batches_tracked,
             count_batch,
             self._INPUT_DIMS,
+            residual,
         )
 
 

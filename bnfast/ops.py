@@ -1,10 +1,14 @@
 """Autograd for the Triton path: one forward, one setup, one backward, shared by the eager and the traced entry.
 
     bnfast::batch_norm           (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                  momentum, cumulative, eps, activation, act_param)
+                                  momentum, cumulative, eps, activation, act_param, residual)
                                   -> (y, save_mean, save_rstd, new_running_mean, new_running_var)
-    bnfast::batch_norm_backward  (dy, x, weight, bias, mean, stat, training, eps, activation, act_param,
-                                  output_mask) -> (dx, dweight, dbias)
+    bnfast::batch_norm_backward  (dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param,
+                                  output_mask) -> (dx, dweight, dbias, dresidual)
+
+y = act(BN(x) + residual) when a residual is given. Saved for the backward: x, weight, bias, two (C,) stat
+vectors, and the residual only when an activation is fused (act'(z) needs z = BN(x) + residual; without an
+activation the residual's gradient is dy itself and nothing of it is kept).
 
 Two entries, one implementation:
 - `BatchNormFunction` (autograd.Function) is the eager entry: its forward updates the running stats in place.
@@ -67,6 +71,7 @@ def batch_norm_op(
     eps: float,
     activation: str,
     act_param: float,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, save_mean, save_rstd, new_running_mean, new_running_var); see the module docstring."""
     new_mean, new_var = _new_running(x, running_mean, running_var, training)
@@ -74,13 +79,14 @@ def batch_norm_op(
     y, mean, rstd = launch.bn_fwd(
         x, weight, bias, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum,
         cumulative=cumulative, eps=eps, activation=activation, act_param=act_param, running_out=running_out,
+        residual=residual,
     )  # fmt: skip
     return y, mean, rstd, new_mean, new_var
 
 
 @batch_norm_op.register_fake
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, cumulative, eps,
-      activation, act_param):  # fmt: skip
+      activation, act_param, residual=None):  # fmt: skip
     return (*launch.forward_outputs(x, training), *_new_running(x, running_mean, running_var, training))
 
 
@@ -92,55 +98,66 @@ def batch_norm_backward_op(
     bias: Tensor | None,
     mean: Tensor,
     stat: Tensor,
+    residual: Tensor | None,
     training: bool,
     eps: float,
     activation: str,
     act_param: float,
     output_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); (mean, stat) = (save_mean, save_rstd) in training, the running stats in eval."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual); (mean, stat) = (save_mean, save_rstd) in training, the running stats in
+    eval; output_mask has 4 entries (dresidual only with an activation: otherwise it is dy, see `_backward`)."""
     grads = launch.bn_bwd(
         dy, x, weight, bias, mean, stat, training=training, eps=eps, activation=activation, act_param=act_param,
-        needs_dx=output_mask[0], needs_dw=output_mask[1], needs_db=output_mask[2],
+        needs_dx=output_mask[0], needs_dw=output_mask[1], needs_db=output_mask[2], residual=residual,
+        needs_dr=output_mask[3],
     )  # fmt: skip
     return tuple(g if g is not None else _none(x) for g in grads)
 
 
 @batch_norm_backward_op.register_fake
-def _(dy, x, weight, bias, mean, stat, training, eps, activation, act_param, output_mask):
-    return tuple(g if g is not None else _none(x) for g in launch.backward_outputs(x, weight, bias, output_mask))
+def _(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param, output_mask):
+    grads = launch.backward_outputs(x, weight, bias, output_mask, residual)
+    return tuple(g if g is not None else _none(x) for g in grads)
 
 
 # -------------------------------------------------------------------------------- shared setup and backward
 def _setup_context(ctx, inputs, output):
     """Both entries: inputs are (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-    momentum, cumulative, eps, activation, act_param); output starts with (y, save_mean, save_rstd)."""
-    x, weight, bias, running_mean, running_var, _, training, _, _, eps, activation, act_param = inputs
+    momentum, cumulative, eps, activation, act_param, residual); output starts with (y, save_mean, save_rstd)."""
+    x, weight, bias, running_mean, running_var, _, training, _, _, eps, activation, act_param, residual = inputs
     _, mean, rstd = output[:3]
     ctx.mark_non_differentiable(*output[1:])
+    kept_residual = residual if activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
     if training:
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, kept_residual)
     else:  # eval: the running stats are constants of the backward
-        ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+        ctx.save_for_backward(x, weight, bias, running_mean, running_var, kept_residual)
     ctx.training, ctx.eps, ctx.activation, ctx.act_param = training, eps, activation, act_param
 
 
 def _backward(ctx, dy, *_stat_grads):
-    """Only y is differentiable; running stats, num_batches_tracked and the scalars get no gradient."""
-    x, weight, bias, mean, stat = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
+    """Only y is differentiable; running stats, num_batches_tracked and the scalars get no gradient; the residual
+    gets g = dy * act'(z) (dy itself without an activation)."""
+    x, weight, bias, mean, stat, residual = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    needs_dr = needs[12] and bool(ctx.activation)  # without an activation dresidual = dy: no kernel
     if torch.is_grad_enabled() or _is_functorch(dy) or torch._C._functorch.maybe_current_level() is not None:
-        grads = _backward_torch(dy, x, weight, bias, mean, stat, ctx.training, ctx.eps, ctx.activation,
-                                ctx.act_param, needs)  # fmt: skip
+        dx, dw, db, dr = _backward_torch(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
+                                         ctx.activation, ctx.act_param, (*needs[:3], needs_dr))  # fmt: skip
     elif type(dy) is torch.Tensor and type(x) is torch.Tensor:
-        grads = launch.bn_bwd(dy, x, weight, bias, mean, stat, training=ctx.training, eps=ctx.eps,
-                              activation=ctx.activation, act_param=ctx.act_param, needs_dx=needs[0],
-                              needs_dw=needs[1], needs_db=needs[2])  # fmt: skip
+        dx, dw, db, dr = launch.bn_bwd(dy, x, weight, bias, mean, stat, training=ctx.training, eps=ctx.eps,
+                                       activation=ctx.activation, act_param=ctx.act_param, needs_dx=needs[0],
+                                       needs_dw=needs[1], needs_db=needs[2], residual=residual,
+                                       needs_dr=needs_dr)  # fmt: skip
     else:  # traced (fake/functional tensors): through the op, which torch can trace
-        grads = batch_norm_backward_op(dy, x, weight, bias, mean, stat, ctx.training, ctx.eps, ctx.activation,
-                                       ctx.act_param, list(needs))  # fmt: skip
-        grads = tuple(g if need and g.numel() else None for g, need in zip(grads, needs, strict=True))
-    return (*grads, *(None,) * (len(ctx.needs_input_grad) - 3))
+        mask = [*needs[:3], needs_dr]
+        grads = batch_norm_backward_op(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
+                                       ctx.activation, ctx.act_param, mask)  # fmt: skip
+        dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, mask, strict=True))
+    if needs[12] and not ctx.activation:
+        dr = dy
+    return dx, dw, db, *(None,) * 9, dr
 
 
 def _is_functorch(t: Tensor) -> bool:
@@ -148,7 +165,7 @@ def _is_functorch(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 
-def _backward_torch(dy, x, weight, bias, mean, stat, training, eps, activation, act_param, needs):
+def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param, needs):
     """The backward's math in differentiable torch ops (the slow path; see the module docstring). In training,
     mean and rstd are recomputed from x so that a second derivative sees their dependence on x."""
     acc = launch.acc_dtype(x.dtype)
@@ -163,19 +180,25 @@ def _backward_torch(dy, x, weight, bias, mean, stat, training, eps, activation, 
     w = weight.to(acc) if weight is not None else torch.ones_like(mean)
     b = bias.to(acc) if bias is not None else torch.zeros_like(mean)
     xhat = (xa - mean.view(shape)) * rstd.view(shape)
-    g = dya * Activation(activation, act_param).derivative(xhat * w.view(shape) + b.view(shape))
+    z = xhat * w.view(shape) + b.view(shape)
+    if residual is not None:
+        z = z + residual.to(acc)
+    g = dya * Activation(activation, act_param).derivative(z)
     sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
-    dx = dw = db = None
+    dx = dw = db = dr = None
     if needs[0]:
+        g_x = g
         if training:
             count = x.numel() // x.shape[1]
-            g = g - (sum_g.view(shape) + xhat * sum_gx.view(shape)) / count
-        dx = ((w * rstd).view(shape) * g).to(x.dtype)
+            g_x = g - (sum_g.view(shape) + xhat * sum_gx.view(shape)) / count
+        dx = ((w * rstd).view(shape) * g_x).to(x.dtype)
     if needs[1] and weight is not None:
         dw = sum_gx.to(weight.dtype)
     if needs[2] and bias is not None:
         db = sum_g.to(bias.dtype)
-    return dx, dw, db
+    if needs[3] and residual is not None:
+        dr = g.to(residual.dtype)
+    return dx, dw, db, dr
 
 
 # --------------------------------------------------------------------------------------------- eager entry
@@ -191,10 +214,10 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        x, weight, bias, running_mean, running_var, nbt, training, momentum, cumulative, eps, activation, param = inputs
+        x, weight, bias, rm, rv, nbt, training, momentum, cumulative, eps, activation, param, residual = inputs
         output = launch.bn_fwd(
-            x, weight, bias, running_mean, running_var, nbt, training=training, momentum=momentum,
-            cumulative=cumulative, eps=eps, activation=activation, act_param=param,
+            x, weight, bias, rm, rv, nbt, training=training, momentum=momentum, cumulative=cumulative, eps=eps,
+            activation=activation, act_param=param, residual=residual,
         )  # fmt: skip
         _setup_context(ctx, inputs, output)
         return output

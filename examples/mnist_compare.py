@@ -1,8 +1,10 @@
-"""MNIST: an MLP without BatchNorm, with torch.nn.BatchNorm1d, and with bnfast, trained side by side.
+"""MNIST: a model without BatchNorm, with torch's BatchNorm, and with bnfast, trained side by side.
 
 The experiment (defaults = the reference tutorial): images flattened to 784 values in [0, 1], the model
 `Linear(784, H) -> [BN] -> act -> Linear(H, H) -> [BN] -> act -> Linear(H, 10)`, cross-entropy, Adam, batch 32
-shuffled with the incomplete last batch dropped, 10 epochs, seed 1.
+shuffled with the incomplete last batch dropped, 10 epochs, seed 1. `--arch cnn` trains a small CNN instead:
+`Conv(1->16, 3) -> [BN2d] -> act -> MaxPool(2) -> Conv(16->32, 3) -> [BN2d] -> act -> MaxPool(2) -> Linear(800,
+10)` on the same 28x28 images (`--channels-last` runs it in torch.channels_last).
 
 Design:
 - Same start. The no-BN and torch-BN models are each built right after `torch.manual_seed(seed)`, so their
@@ -31,11 +33,15 @@ Data lookup (`--data-dir`, default `data/`): the files torchvision reads from `<
 four original `.gz` files, from that folder or copied into it from `$BNFAST_MNIST_RAW` or, when that is unset,
 from this repo's `../shared/data/MNIST/raw` (md5-checked against torchvision's list, then decompressed: no
 network); else torchvision's download (with `--download`, the default). If none works, the script exits with
-one message saying which files to put where.
+one message naming the folders it searched and which files to put where.
+
+Progress: in a terminal, a tqdm bar per epoch; always one line per epoch when its training ends (steps, seconds
+per model), then the evaluation lines, so a log (stdout not a TTY: no bars) still shows each epoch.
 
 Outputs (`--out`, default `runs/mnist-<timestamp>`): results.json (config, versions, device, backend, per model
 per epoch: train/valid loss and accuracy, training time and steps per second; the torch-BN vs bnfast
-difference) and, unless `--no-plots`, train_loss.png, train_acc.png, valid_loss.png and valid_acc.png.
+difference) and, unless `--no-plots`, train_loss.png, train_acc.png, valid_loss.png and valid_acc.png, each
+titled with the dataset, the device and bnfast's backend, one marker per epoch on integer ticks.
 """
 
 import argparse
@@ -58,7 +64,8 @@ from tqdm import tqdm
 import bnfast
 
 MODEL_NAMES = ("no-BN", "torch-BN", "bnfast")
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "silu", "gelu")  # all fused by bnfast.convert
+ACTIVATIONS = bnfast.SUPPORTED_ACTIVATIONS  # the one table (kernels/activations.py): all fused by bnfast.convert
+ARCHS = ("mlp", "cnn")
 EVAL_BATCH_SIZE = 1000  # evaluation only: fewer, larger launches (each one costs milliseconds when interpreted)
 IMAGE_SIZE = 28 * 28
 NUM_CLASSES = 10
@@ -80,11 +87,19 @@ LINE_STYLES = {  # fixed colours per model; bnfast dashed, so that it shows on t
 TABLE_COLUMNS = ("model", "backend", "final test acc", "best test acc", "mean epoch s", "time vs torch-BN")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where there is a default to show: None ("not set") and a flag's False are
+    left to the option's own help text (`--out`'s names its computed default)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train an MNIST MLP without BN, with torch.nn.BatchNorm1d and with bnfast on the same batches; "
         "print per-epoch metrics and a summary table, write results.json and plots.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=f"Offline data: put the four MNIST .gz files in <data-dir>/MNIST/raw, or point ${RAW_DIR_ENV} at a "
         "folder holding them. Kernels on CPU: set TRITON_INTERPRET=1 to run bnfast's Triton kernels in the "
         "interpreter (slow); without it bnfast falls back to torch ops on CPU.",
@@ -92,7 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (last partial one dropped)")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
-    parser.add_argument("--hidden", type=int, default=32, help="width of the two hidden layers")
+    parser.add_argument("--arch", choices=ARCHS, default="mlp",
+                        help="mlp: the tutorial's 784-H-H-10 MLP (BatchNorm1d); cnn: two 3x3 convolutions "
+                        "(BatchNorm2d)")
+    parser.add_argument("--channels-last", action="store_true", help="cnn: run in torch.channels_last memory format")
+    parser.add_argument("--hidden", type=int, default=32, help="mlp: width of the two hidden layers")
     parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
                         help="activation after each hidden layer: a torch module in the no-BN and torch-BN models, "
                         "fused into the BatchNorm kernel in the bnfast model")  # fmt: skip
@@ -102,8 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="torchvision root: MNIST/raw lives here")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                         help="download MNIST with torchvision when no local copy is found")  # fmt: skip
-    parser.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images")
-    parser.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images")
+    parser.add_argument("--limit-train", type=int, metavar="N",
+                        help="use only the first N training images (default: all)")  # fmt: skip
+    parser.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images (default: all)")
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
                         help="which models to train")  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -124,27 +144,44 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def _missing_data_message(raw_dir: Path, reason: str) -> str:
+def local_sources(raw_dir: Path) -> list[Path]:
+    """The folders searched for the .gz files, in order: `raw_dir`, then $BNFAST_MNIST_RAW if set, else the repo's
+    shared data folder (the variable replaces that default)."""
+    return [raw_dir, Path(os.environ.get(RAW_DIR_ENV) or SHARED_RAW_DIR)]
+
+
+def missing_data_message(raw_dir: Path, download_error: str | None) -> str:
+    """What to do when MNIST is nowhere. `download_error`: why torchvision's download failed, or None when
+    --no-download was given (then, and only then, --download is suggested: it is the default)."""
     from torchvision.datasets import MNIST
 
     names = ", ".join(name for name, _ in MNIST.resources)
+    searched, fallback = local_sources(raw_dir)
+    label = f"${RAW_DIR_ENV}" if os.environ.get(RAW_DIR_ENV) else f"the repo's shared data, ${RAW_DIR_ENV} unset"
+    where = f"searched {searched} and {fallback} ({label})"
+    if download_error is None:
+        network = "or drop --no-download (downloading is the default) on a machine with internet access"
+        reason = "--no-download given"
+    else:
+        network = "or check this machine's network access and run again"
+        reason = f"download failed: {download_error}"
     return (
-        f"MNIST not found ({reason}). Put the four original files ({names}) in {raw_dir}, "
-        f"or point ${RAW_DIR_ENV} at a folder holding them, or run with --download and internet access."
+        f"MNIST not found ({reason}; {where}). Put the four original files ({names}) in {raw_dir}, "
+        f"or point ${RAW_DIR_ENV} at a folder holding them, {network}."
     )
 
 
 def _stage_local_archives(raw_dir: Path) -> None:
     """Make `raw_dir` hold the decompressed files torchvision reads, from verified local .gz files if any.
 
-    Looks for each .gz in `raw_dir` itself, then in $BNFAST_MNIST_RAW if set, else in the repo's shared data
-    folder; a copy is taken into `raw_dir` (the sources stay read-only). Leaves `raw_dir` as is when a file is
-    missing everywhere: torchvision's download, or the final message, deals with that.
+    Looks for each .gz in the folders of `local_sources`; a copy is taken into `raw_dir` (the sources stay
+    read-only). Leaves `raw_dir` as is when a file is missing everywhere: torchvision's download, or the final
+    message, deals with that.
     """
     from torchvision.datasets import MNIST
     from torchvision.datasets.utils import check_integrity, extract_archive
 
-    sources = [raw_dir, Path(os.environ.get(RAW_DIR_ENV) or SHARED_RAW_DIR)]  # the variable replaces the default
+    sources = local_sources(raw_dir)
     for name, md5 in MNIST.resources:
         if check_integrity(raw_dir / name.removesuffix(".gz")):  # torchvision's own existence check
             continue
@@ -170,8 +207,7 @@ def load_mnist(data_dir: Path, download: bool, device: torch.device):
     except (RuntimeError, URLError, OSError) as error:
         lines = str(error).strip().splitlines() or [type(error).__name__]
         detail = " ".join(dict.fromkeys([lines[0], lines[-1]]))  # torchvision's: "Error downloading <file>:" ... cause
-        reason = f"download failed: {detail}" if download else "--no-download given"
-        raise SystemExit(_missing_data_message(raw_dir, reason)) from None
+        raise SystemExit(missing_data_message(raw_dir, detail if download else None)) from None
     # data / 255 is what ToTensor() does to uint8 images
     return [(s.data.to(device).float().div(255).view(-1, IMAGE_SIZE), s.targets.to(device)) for s in splits]
 
@@ -192,14 +228,40 @@ def build_mlp(hidden: int, activation: str, batch_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ToChannelsLast(nn.Module):
+    """The images (N, 1, 28, 28) in torch.channels_last, so that every convolution and BatchNorm after runs in it."""
+
+    def forward(self, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def build_cnn(activation: str, batch_norm: bool, channels_last: bool = False) -> nn.Sequential:
+    """Conv(1->16, 3) -> [BN2d] -> act -> MaxPool(2) -> Conv(16->32, 3) -> [BN2d] -> act -> MaxPool(2) -> Linear."""
+    layers = [nn.Unflatten(1, (1, 28, 28))] + ([ToChannelsLast()] if channels_last else [])
+    channels, side = 1, 28
+    for width in (16, 32):
+        layers.append(nn.Conv2d(channels, width, 3))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(width))
+        layers += [bnfast.resolve_activation(activation).module(), nn.MaxPool2d(2)]
+        channels, side = width, (side - 2) // 2
+    layers += [nn.Flatten(), nn.Linear(channels * side * side, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
 def build_models(args, device: torch.device) -> dict[str, nn.Module]:
     """The selected models, seeded as described in the module docstring."""
-    torch.manual_seed(args.seed)
-    no_bn = build_mlp(args.hidden, args.activation, batch_norm=False)
-    torch.manual_seed(args.seed)
-    torch_bn = build_mlp(args.hidden, args.activation, batch_norm=True)
+
+    def build(batch_norm):
+        torch.manual_seed(args.seed)
+        if args.arch == "cnn":
+            return build_cnn(args.activation, batch_norm, args.channels_last)
+        return build_mlp(args.hidden, args.activation, batch_norm)
+
+    no_bn, torch_bn = build(False), build(True)
     models = {"no-BN": no_bn, "torch-BN": torch_bn, "bnfast": bnfast.convert(copy.deepcopy(torch_bn))}
-    return {name: models[name].to(device) for name in args.models}
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    return {name: models[name].to(device, memory_format=memory_format) for name in args.models}
 
 
 def bnfast_backend(device: torch.device) -> str:
@@ -222,7 +284,7 @@ def compare_bn_models(torch_bn: nn.Sequential, fused: nn.Sequential, x: torch.Te
     """
     redundant = set()
     for (name, module), (following, next_module) in itertools.pairwise(torch_bn.named_children()):
-        if isinstance(module, nn.Linear) and isinstance(next_module, nn.BatchNorm1d):
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(next_module, nn.modules.batchnorm._BatchNorm):
             redundant |= {f"{name}.bias", f"{following}.running_mean"}
     fused_state = fused.state_dict()
     diffs = {k: (v - fused_state[k]).abs().max().item() for k, v in torch_bn.state_dict().items()
@@ -294,12 +356,17 @@ def evaluate_all(models, train, test) -> dict[str, dict[str, float]]:
 
 
 def train_epoch(models, optimizers, train, batch_size, generator, epoch) -> dict[str, dict[str, float]]:
-    """One epoch, every batch fed to each model in turn: name -> {train_time_s, steps_per_s, running_loss}."""
+    """One epoch, every batch fed to each model in turn: name -> {train_time_s, steps_per_s, running_loss}.
+
+    A progress bar only in a terminal: in a log (stdout not a TTY) bars are noise; `print_training` reports
+    each epoch there instead.
+    """
     x, y = train
     batches = shuffled_batches(len(y), batch_size, generator, x.device)
     seconds = dict.fromkeys(models, 0.0)
     loss_sums = {name: torch.zeros((), device=x.device) for name in models}
-    for index in tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):  # None: off if no tty
+    bars = sys.stdout.isatty()
+    for index in tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not bars, file=sys.stdout):
         xb, yb = x[index], y[index]
         for name, model in models.items():
             synchronize(x.device)
@@ -328,6 +395,12 @@ def recalibrate_models(models, train, test, batch_size) -> dict[str, dict[str, f
     return out
 
 
+def print_training(epoch: int, epochs: int, timings: dict[str, dict[str, float]], steps: int) -> None:
+    """One line per epoch as soon as its training ends: `[Epoch 3/10] 1875 steps | no-BN 2.11 s | ...`."""
+    cells = [f"{name} {t['train_time_s']:.2f} s" for name, t in timings.items()]
+    print(f"[Epoch {epoch}/{epochs}] {steps} steps | " + " | ".join(cells), flush=True)
+
+
 def print_epoch(epoch: int, metrics: dict[str, dict[str, float]]) -> None:
     """One line per split: `[Epoch 3-VALID] no-BN loss 0.15321 acc 0.9581 | torch-BN ... | bnfast ...`."""
     for split in ("train", "valid"):
@@ -338,29 +411,42 @@ def print_epoch(epoch: int, metrics: dict[str, dict[str, float]]) -> None:
 # ------------------------------------------------------------------------------------------------- outputs
 
 
-def plot_history(history: dict[str, list[dict]], out_dir: Path) -> list[Path]:
-    """One PNG per metric, one line per model, over the trained epochs; returns the paths written.
+def plot_context(device: torch.device, arch: str = "mlp", channels_last: bool = False) -> str:
+    """The second line of every plot title: dataset and model, device, and what ran bnfast."""
+    model = arch.upper() + (", channels_last" if channels_last else "")
+    return f"MNIST {model} | {device_name(device)} | bnfast: {bnfast_backend(device)}"
+
+
+def plot_metric(history: dict[str, list[dict]], key: str, title: str, ylabel: str, context: str):
+    """One metric over the trained epochs, one line per model, as a matplotlib Figure.
 
     Epoch 0 (chance level, loss ~2.3) is left out: it would squash the differences that matter into a corner.
+    Every epoch is a marker on an integer tick, so that a 1-epoch run still shows readable points.
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: files only, no display or backend needed
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for name, rows in history.items():
+        ax.plot([r["epoch"] for r in rows[1:]], [r[key] for r in rows[1:]], label=name, **LINE_STYLES[name])
+    last_epoch = max(rows[-1]["epoch"] for rows in history.values())
+    ax.set_xlim(0.5, last_epoch + 0.5)  # half an epoch of margin: a single epoch is not squeezed into 1 +- 0.05
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # integers even when only one is in view
+    ax.set_title(f"{title}\n{context}", fontsize=10)
+    ax.set(xlabel="epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
+
+def plot_history(history: dict[str, list[dict]], out_dir: Path, context: str) -> list[Path]:
+    """One PNG per metric (`PLOTS`), titled with `context`; returns the paths written."""
     paths = []
     for file_name, (key, title, ylabel) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, rows in history.items():
-            ax.plot([r["epoch"] for r in rows[1:]], [r[key] for r in rows[1:]], label=name, **LINE_STYLES[name])
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
         paths.append(out_dir / f"{file_name}.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        plot_metric(history, key, title, ylabel, context).savefig(paths[-1], dpi=120)
     return paths
 
 
@@ -444,6 +530,7 @@ def main(argv=None) -> dict:
                        "running_loss": None}] for name in models}  # fmt: skip
     for epoch in range(1, args.epochs + 1):
         timings = train_epoch(models, optimizers, train, args.batch_size, generator, epoch)
+        print_training(epoch, args.epochs, timings, len(train[1]) // args.batch_size)
         metrics = evaluate_all(models, train, test)
         print_epoch(epoch, metrics)
         for name in models:
@@ -467,7 +554,8 @@ def main(argv=None) -> dict:
     recalibration = recalibrate_models(models, train, test, args.batch_size) if args.recalibrate else None
 
     args.out.mkdir(parents=True, exist_ok=True)
-    plots = [] if args.no_plots else plot_history(history, args.out)
+    context = plot_context(device, args.arch, args.channels_last)
+    plots = [] if args.no_plots else plot_history(history, args.out, context)
     results = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "versions": versions(),

@@ -158,9 +158,10 @@ def _act_grad(z, ACTIVATION: tl.constexpr, param):
 
 
 @triton.jit
-def _grad_pre_activation(dy, xhat, w, b, ACTIVATION: tl.constexpr, param):
-    """g = dL/dz = dy * act'(z), z = w*xhat + b recomputed (nothing but x is saved). w, b broadcast [1, C, 1]."""
+def _grad_pre_activation(dy, xhat, w, shift, ACTIVATION: tl.constexpr, param):
+    """g = dL/dz = dy * act'(z), z = w*xhat + shift recomputed (shift = bias, plus the residual when one is fused;
+    w and bias broadcast as [1, C, 1])."""
     if ACTIVATION == "":
         return dy
     else:
-        return dy * _act_grad(xhat * w + b, ACTIVATION, param)
+        return dy * _act_grad(xhat * w + shift, ACTIVATION, param)

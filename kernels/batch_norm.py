@@ -2,14 +2,14 @@
 
 Math (statistics and reductions in ACC: float32 for float32/16-bit inputs, float64 for float64):
     Forward (train):  mean = sum(x)/M   var = sum((x-mean)**2)/M   rstd = 1/sqrt(var+eps)
-                      xhat = (x-mean)*rstd   z = w*xhat + b   y = act(z)
+                      xhat = (x-mean)*rstd   z = w*xhat + b [+ r]   y = act(z)      # r: the fused residual
                       running_mean <- (1-f)*running_mean + f*mean
                       running_var  <- (1-f)*running_var  + f*var*M/(M-1)         # unbiased, like torch
                       f = momentum, or 1/num_batches_tracked when momentum is None (cumulative average)
     Forward (eval):   the same with mean, var = running_mean, running_var.
-    Backward (train): g = dy*act'(z)   (z recomputed from x, mean, rstd; nothing but x is saved)
+    Backward (train): g = dy*act'(z)   (z recomputed from x, mean, rstd [and r]; nothing else is saved)
                       sum_g = sum(g)   sum_gx = sum(g*xhat)   dbias = sum_g   dweight = sum_gx
-                      dx = w*rstd * (g - (sum_g + xhat*sum_gx)/M)
+                      dx = w*rstd * (g - (sum_g + xhat*sum_gx)/M)   dr = g (no activation: dr = dy, no kernel)
     Backward (eval):  mean, rstd are constants: dx = w*rstd*g; dweight, dbias as above.
 
 Accuracy. Variance is never E[x^2]-E[x]^2. A tile's (count, mean, M2 = sum of squared deviations) is exact
@@ -54,6 +54,9 @@ import triton.language as tl
 
 from .activations import _act, _grad_pre_activation
 
+# fmt: off
+# (kernel signatures group their arguments by role, one role a line: the formatter would put one a line)
+
 
 # ------------------------------------------------------------------------------------------------ jit helpers
 @triton.jit
@@ -79,6 +82,17 @@ def _store_tile(ptr, value, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_
                 BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     ptrs, mask = _tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S)
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_residual(z, r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs, HAS_RESIDUAL: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """z + residual (same tile), or z when there is none."""
+    if HAS_RESIDUAL:
+        r, _ = _load_tile(r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs, ACC, BLOCK_N, BLOCK_S)
+        return z + r
+    else:
+        return z
 
 
 @triton.jit
@@ -264,44 +278,14 @@ def _merge_stats(part_ptr, shift_ptr, num_rows, stride_row, stride_plane, stride
 # ----------------------------------------------------------------------------------------- forward kernels
 @triton.jit
 def _bn_fwd_single_kernel(
-    y_ptr,
-    mean_ptr,
-    rstd_ptr,  # outputs; mean/rstd (C,) in ACC
-    x_ptr,
-    w_ptr,
-    b_ptr,
-    rm_ptr,
-    rv_ptr,
-    rm_out_ptr,
-    rv_out_ptr,
-    nbt_ptr,
-    N,
-    C,
-    S,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    stride_yn,
-    stride_yc,
-    stride_ys,
-    stride_w,
-    stride_b,
-    stride_rm,
-    stride_rv,
-    stride_rmo,
-    stride_rvo,
-    eps: tl.float64,
-    momentum: tl.float64,
-    act_param: tl.float64,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr,
-    CUMULATIVE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    y_ptr, mean_ptr, rstd_ptr,  # outputs; mean/rstd (C,) in ACC
+    x_ptr, w_ptr, b_ptr, r_ptr, rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
+    stride_w, stride_b, stride_rm, stride_rv, stride_rmo, stride_rvo,
+    eps: tl.float64, momentum: tl.float64, act_param: tl.float64,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Single-pass training forward: the channel block's whole column is one tile, x is read once."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -318,25 +302,17 @@ def _bn_fwd_single_kernel(
         _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
                               stride_rmo, stride_rvo, mean, var, M, momentum, CUMULATIVE, ACC)  # fmt: skip
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
-    y = _act(centered * _bcast(rstd * w) + _bcast(b), ACTIVATION, act_param)
+    z = _add_residual(centered * _bcast(rstd * w) + _bcast(b), r_ptr, 0, 0, c_offs, N, C, S, stride_rn, stride_rc,
+                      stride_rs, HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)  # fmt: skip
+    y = _act(z, ACTIVATION, act_param)
     _store_tile(y_ptr, y, 0, 0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 
 
 @triton.jit
 def _bn_stats_partial_kernel(
-    part_ptr,
-    shift_ptr,  # outputs: (3, K, C) count / mean of (x - shift) / M2, and shift (C,); ACC
-    x_ptr,
-    N,
-    C,
-    S,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    part_ptr, shift_ptr,  # outputs: (3, K, C) count / mean of (x - shift) / M2, and shift (C,); ACC
+    x_ptr, N, C, S, stride_xn, stride_xc, stride_xs,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Split stage 1: (count, mean, M2) of x - shift over this split's tiles, tiles merged with Chan's formula."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -368,13 +344,8 @@ def _bn_stats_partial_kernel(
 @triton.jit
 def _bn_stats_merge_kernel(
     out_ptr,  # output: (4, C) in ACC: count, mean of (x - shift), M2, shift
-    part_ptr,
-    shift_ptr,
-    C,
-    num_splits,
-    ACC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    part_ptr, shift_ptr, C, num_splits,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """SyncBatchNorm's local stage: this rank's K split rows merged in order into one row per channel, the
     packed unit that the forward's all_gather sends (one rank's partials, whatever its K)."""
@@ -390,32 +361,12 @@ def _bn_stats_merge_kernel(
 
 @triton.jit
 def _bn_stats_finalize_kernel(
-    mean_ptr,
-    rstd_ptr,  # outputs, (C,) in ACC
-    part_ptr,
-    shift_ptr,
-    rm_ptr,
-    rv_ptr,
-    rm_out_ptr,
-    rv_out_ptr,
-    nbt_ptr,
-    C,
-    num_splits,
-    stride_part_row,
-    stride_part_plane,
-    stride_shift_row,
-    stride_rm,
-    stride_rv,
-    stride_rmo,
-    stride_rvo,
-    eps: tl.float64,
-    momentum: tl.float64,
-    ROW_SHIFTS: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr,
-    CUMULATIVE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    mean_ptr, rstd_ptr,  # outputs, (C,) in ACC
+    part_ptr, shift_ptr, rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
+    C, num_splits, stride_part_row, stride_part_plane, stride_shift_row, stride_rm, stride_rv, stride_rmo, stride_rvo,
+    eps: tl.float64, momentum: tl.float64,
+    ROW_SHIFTS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Split stage 2: merge the K rows in a fixed order (parallel formula); mean, rstd, running stats. The rows
     are one device's splits (one shift), or SyncBatchNorm's gathered ranks (ROW_SHIFTS: a shift per row)."""
@@ -436,36 +387,15 @@ def _bn_stats_finalize_kernel(
 @triton.jit
 def _bn_normalize_kernel(
     y_ptr,  # output
-    x_ptr,
-    w_ptr,
-    b_ptr,
-    mean_ptr,
-    stat_ptr,
-    N,
-    C,
-    S,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    stride_yn,
-    stride_yc,
-    stride_ys,
-    stride_w,
-    stride_b,
-    stride_mean,
-    stride_stat,
-    eps: tl.float64,
-    act_param: tl.float64,
-    STAT_IS_VAR: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
+    stride_w, stride_b, stride_mean, stride_stat,
+    eps: tl.float64, act_param: tl.float64,
+    STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Split stage 3 (train) and the whole eval forward: y = act((x - mean) * rstd * w + b), one pass."""
+    """Split stage 3 (train) and the whole eval forward: y = act((x - mean) * rstd * w + b [+ r]), one pass."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -486,51 +416,24 @@ def _bn_normalize_kernel(
     for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
         n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
         x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
-        y = _act((x - centre) * scale + folded_shift, ACTIVATION, act_param)
+        z = _add_residual((x - centre) * scale + folded_shift, r_ptr, n0, s0, c_offs, N, C, S, stride_rn,
+                          stride_rc, stride_rs, HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)  # fmt: skip
+        y = _act(z, ACTIVATION, act_param)
         _store_tile(y_ptr, y, n0, s0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 
 
 # ---------------------------------------------------------------------------------------- backward kernels
 @triton.jit
 def _bn_bwd_single_kernel(
-    dx_ptr,
-    dw_ptr,
-    db_ptr,  # outputs; dw/db (C,) in the parameters' dtype
-    x_ptr,
-    dy_ptr,
-    w_ptr,
-    b_ptr,
-    mean_ptr,
-    stat_ptr,
-    N,
-    C,
-    S,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    stride_dyn,
-    stride_dyc,
-    stride_dys,
-    stride_dxn,
-    stride_dxc,
-    stride_dxs,
-    stride_w,
-    stride_b,
-    stride_mean,
-    stride_stat,
-    eps: tl.float64,
-    act_param: tl.float64,
-    TRAINING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    COMPUTE_DX: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    dx_ptr, dw_ptr, db_ptr, dr_ptr,  # outputs; dw/db (C,) in the parameters' dtype; dr = g (the residual's grad)
+    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
+    stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b, stride_mean, stride_stat,
+    eps: tl.float64, act_param: tl.float64,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DR: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Single-pass backward: x and dy read once. Eval (TRAINING=False) reads the running stats (var, not rstd)."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -540,7 +443,11 @@ def _bn_bwd_single_kernel(
     x, mask = _load_tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
     dy, _ = _load_tile(dy_ptr, 0, 0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N, BLOCK_S)
     xhat = (x - _bcast(mean)) * _bcast(rstd)
-    g = _grad_pre_activation(dy, xhat, _bcast(w), _bcast(b), ACTIVATION, act_param)  # dy = 0 on masked lanes
+    shift = _add_residual(_bcast(b), r_ptr, 0, 0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs, HAS_RESIDUAL,
+                          ACC, BLOCK_N, BLOCK_S)  # fmt: skip
+    g = _grad_pre_activation(dy, xhat, _bcast(w), shift, ACTIVATION, act_param)  # dy = 0 on masked lanes
+    if COMPUTE_DR:
+        _store_tile(dr_ptr, g, 0, 0, c_offs, N, C, S, stride_drn, stride_drc, stride_drs, BLOCK_N, BLOCK_S)
     sum_g = _channel_sum(g)
     sum_gx = _channel_sum(g * xhat)
     if COMPUTE_DW:
@@ -558,44 +465,17 @@ def _bn_bwd_single_kernel(
 
 @triton.jit
 def _bn_grad_partial_kernel(
-    part_ptr,
-    dx_ptr,  # outputs: (2, K, C) sum g / sum g*xhat in ACC; dx only in eval
-    x_ptr,
-    dy_ptr,
-    w_ptr,
-    b_ptr,
-    mean_ptr,
-    stat_ptr,
-    N,
-    C,
-    S,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    stride_dyn,
-    stride_dyc,
-    stride_dys,
-    stride_dxn,
-    stride_dxc,
-    stride_dxs,
-    stride_w,
-    stride_b,
-    stride_mean,
-    stride_stat,
-    eps: tl.float64,
-    act_param: tl.float64,
-    TRAINING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    COMPUTE_DX: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    part_ptr, dx_ptr, dr_ptr,  # outputs: (2, K, C) sum g / sum g*xhat in ACC; dx and dr (= g) only in eval
+    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
+    stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b, stride_mean, stride_stat,
+    eps: tl.float64, act_param: tl.float64,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DR: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Backward split stage 1: per split, sum g and sum g*xhat. Eval: dx = w*rstd*g needs no global sum, so it
-    is written here, in the same pass."""
+    """Backward split stage 1: per split, sum g and sum g*xhat. Eval: dx = w*rstd*g (and dr = g) need no global
+    sum, so they are written here, in the same pass."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -609,13 +489,17 @@ def _bn_grad_partial_kernel(
         dy, _ = _load_tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N,
                            BLOCK_S)  # fmt: skip
         xhat = (x - _bcast(mean)) * _bcast(rstd)
-        g = _grad_pre_activation(dy, xhat, _bcast(w), _bcast(b), ACTIVATION, act_param)  # 0 on masked lanes
+        shift = _add_residual(_bcast(b), r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs,
+                              HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)  # fmt: skip
+        g = _grad_pre_activation(dy, xhat, _bcast(w), shift, ACTIVATION, act_param)  # 0 on masked lanes
         sum_g += _channel_sum(g)
         sum_gx += _channel_sum(g * xhat)
         if not TRAINING:
             if COMPUTE_DX:
                 dx = _bcast(w * rstd) * g
                 _store_tile(dx_ptr, dx, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
+            if COMPUTE_DR:
+                _store_tile(dr_ptr, g, n0, s0, c_offs, N, C, S, stride_drn, stride_drc, stride_drs, BLOCK_N, BLOCK_S)
     row = split * C + c_offs
     c_mask = c_offs < C
     tl.store(part_ptr + row, sum_g, mask=c_mask)
@@ -624,17 +508,10 @@ def _bn_grad_partial_kernel(
 
 @triton.jit
 def _bn_grad_finalize_kernel(
-    sums_ptr,
-    dw_ptr,
-    db_ptr,  # outputs: (2, C) sum g / sum g*xhat in ACC (for dx); dw, db in the params' dtype
-    part_ptr,
-    C,
-    num_splits,
-    COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    sums_ptr, dw_ptr, db_ptr,  # outputs: (2, C) sum g / sum g*xhat in ACC (for dx); dw, db in the params' dtype
+    part_ptr, C, num_splits,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Backward split stage 2: the K partial sums, in a fixed order."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -651,40 +528,17 @@ def _bn_grad_finalize_kernel(
 
 @triton.jit
 def _bn_grad_input_kernel(
-    dx_ptr,  # output
-    x_ptr,
-    dy_ptr,
-    w_ptr,
-    b_ptr,
-    mean_ptr,
-    rstd_ptr,
-    sums_ptr,
-    N,
-    C,
-    S,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    stride_dyn,
-    stride_dyc,
-    stride_dys,
-    stride_dxn,
-    stride_dxc,
-    stride_dxs,
-    stride_w,
-    stride_b,
-    inv_count: tl.float64,
-    act_param: tl.float64,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    dx_ptr, dr_ptr,  # outputs (dr = g, the residual's grad)
+    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, rstd_ptr, sums_ptr,
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
+    stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b,
+    inv_count: tl.float64, act_param: tl.float64,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    COMPUTE_DR: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Backward split stage 3 (train): dx = w*rstd * (g - (sum_g + xhat*sum_gx) * inv_count), elementwise.
-    inv_count = 1/M; SyncBatchNorm passes the global count's."""
+    """Backward split stage 3 (train): dx = w*rstd * (g - (sum_g + xhat*sum_gx) * inv_count), elementwise, and
+    dr = g. inv_count = 1/M; SyncBatchNorm passes the global count's."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     split = tl.program_id(1)
@@ -700,6 +554,12 @@ def _bn_grad_input_kernel(
         dy, _ = _load_tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N,
                            BLOCK_S)  # fmt: skip
         xhat = (x - _bcast(mean)) * _bcast(rstd)
-        g = _grad_pre_activation(dy, xhat, _bcast(w), _bcast(b), ACTIVATION, act_param)
-        dx = _bcast(w * rstd) * (g - mean_g - xhat * mean_gx)
-        _store_tile(dx_ptr, dx, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
+        shift = _add_residual(_bcast(b), r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs,
+                              HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)  # fmt: skip
+        g = _grad_pre_activation(dy, xhat, _bcast(w), shift, ACTIVATION, act_param)
+        if COMPUTE_DR:
+            _store_tile(dr_ptr, g, n0, s0, c_offs, N, C, S, stride_drn, stride_drc, stride_drs, BLOCK_N, BLOCK_S)
+        if COMPUTE_DX:
+            dx = _bcast(w * rstd) * (g - mean_g - xhat * mean_gx)
+            _store_tile(dx_ptr, dx, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
+# fmt: on

@@ -214,6 +214,10 @@ def _vec_stride(t: torch.Tensor | None) -> int:
     return t.stride(0) if t is not None else 0
 
 
+def _ncs_or(v: Ncs | None, default: Ncs) -> Ncs:
+    return v if v is not None else default
+
+
 def _or(t, default):
     """A tensor argument, or a dummy pointer the kernel never dereferences (its constexpr flag is off)."""
     return t if t is not None else default
@@ -223,16 +227,17 @@ def _or(t, default):
 # Each stage: x, y, dy, dx are `Ncs`; w, b (weight, bias) and the running stats are (C,) tensors of any stride or
 # None; `cfg` comes from `config_for(x, ...)`; outputs are allocated by the caller or returned.
 def forward_single(x: Ncs, y: Ncs, w, b, mean, rstd, running, nbt, cfg, *, eps, momentum, cumulative, activation,
-                   act_param):  # fmt: skip
+                   act_param, r: Ncs | None = None):  # fmt: skip
     """Single-pass training forward: y, and the batch mean/rstd into `mean`/`rstd` (ACC, (C,)).
-    `running` = (rm, rv, rm_out, rv_out) or None; `nbt` = num_batches_tracked when cumulative."""
+    `running` = (rm, rv, rm_out, rv_out) or None; `nbt` = num_batches_tracked when cumulative; `r` the residual."""
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)  # dummies: never read
+    r_ = _ncs_or(r, x)
     _k._bn_fwd_single_kernel[cfg.grid](
-        y.t, mean, rstd, x.t, _or(w, x.t), _or(b, x.t), rm, rv, rm_out, rv_out, _or(nbt, mean),
-        *x.dims, *x.strides, *y.strides, _vec_stride(w), _vec_stride(b),
+        y.t, mean, rstd, x.t, _or(w, x.t), _or(b, x.t), r_.t, rm, rv, rm_out, rv_out, _or(nbt, mean),
+        *x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b),
         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum, act_param,
-        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, UPDATE_RUNNING=running is not None,
-        CUMULATIVE=cumulative, ACTIVATION=activation, ACC=_TL[mean.dtype],
+        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
+        UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, ACTIVATION=activation, ACC=_TL[mean.dtype],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
 
@@ -277,12 +282,14 @@ def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumu
     )  # fmt: skip
 
 
-def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param):
-    """y = act((x - mean) * rstd * w + b); `stat` is rstd, or the running variance when stat_is_var (eval)."""
+def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param, r: Ncs | None = None):
+    """y = act((x - mean) * rstd * w + b [+ r]); `stat` is rstd, or the running variance when stat_is_var (eval)."""
+    r_ = _ncs_or(r, x)
     _k._bn_normalize_kernel[cfg.grid](
-        y.t, x.t, _or(w, x.t), _or(b, x.t), mean, stat, *x.dims, *x.strides, *y.strides,
+        y.t, x.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat, *x.dims, *x.strides, *y.strides, *r_.strides,
         _vec_stride(w), _vec_stride(b), mean.stride(0), stat.stride(0), eps, act_param,
-        STAT_IS_VAR=stat_is_var, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, ACTIVATION=activation,
+        STAT_IS_VAR=stat_is_var, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
+        ACTIVATION=activation,
         ACC=_TL[acc_dtype(x.t.dtype)], BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S,
         num_warps=cfg.num_warps,
     )  # fmt: skip
@@ -290,31 +297,33 @@ def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activa
 
 # -------------------------------------------------------------------------------------------- backward stages
 def backward_single(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, stat, dw, db, cfg, *, training, eps, activation,
-                    act_param):  # fmt: skip
-    """Single-pass backward into dx (None: not needed), dw, db (None: not needed)."""
-    out = dx if dx is not None else x  # dummy strides and pointer when dx is not computed
+                    act_param, r: Ncs | None = None, dr: Ncs | None = None):  # fmt: skip
+    """Single-pass backward into dx, dw, db, dr (each None: not needed); `r` the residual of the forward."""
+    out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)  # dummy strides and pointers when absent
     _k._bn_bwd_single_kernel[cfg.grid](
-        out.t, _or(dw, x.t), _or(db, x.t), x.t, dy.t, _or(w, x.t), _or(b, x.t), mean, stat,
-        *x.dims, *x.strides, *dy.strides, *out.strides, _vec_stride(w), _vec_stride(b),
+        out.t, _or(dw, x.t), _or(db, x.t), dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat,
+        *x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w), _vec_stride(b),
         mean.stride(0), stat.stride(0), eps, act_param,
-        TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
-        COMPUTE_DX=dx is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+        TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
+        COMPUTE_DX=dx is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, COMPUTE_DR=dr is not None,
         ACTIVATION=activation, ACC=_TL[acc_dtype(x.t.dtype)],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
 
 
-def grad_partial(dy: Ncs, x: Ncs, w, b, mean, stat, cfg, *, training, eps, activation, act_param, dx=None):
-    """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx if given."""
+def grad_partial(dy: Ncs, x: Ncs, w, b, mean, stat, cfg, *, training, eps, activation, act_param, dx=None, r=None,
+                 dr=None):  # fmt: skip
+    """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx and dr if given."""
     acc = acc_dtype(x.t.dtype)
     part = torch.empty((2, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
-    out = dx if dx is not None else x
+    out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)
     _k._bn_grad_partial_kernel[cfg.grid](
-        part, out.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), mean, stat,
-        *x.dims, *x.strides, *dy.strides, *out.strides, _vec_stride(w), _vec_stride(b),
+        part, out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat,
+        *x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w), _vec_stride(b),
         mean.stride(0), stat.stride(0), eps, act_param,
-        TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
-        COMPUTE_DX=dx is not None and not training, ACTIVATION=activation, ACC=_TL[acc],
+        TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
+        COMPUTE_DX=dx is not None and not training, COMPUTE_DR=dr is not None and not training,
+        ACTIVATION=activation, ACC=_TL[acc],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
     return part
@@ -333,12 +342,15 @@ def grad_finalize(part, dw=None, db=None):
     return sums
 
 
-def grad_input(dy: Ncs, x: Ncs, dx: Ncs, w, b, mean, rstd, sums, cfg, *, count, activation, act_param):
-    """Backward split stage 3 (train): dx from the global sums; `count` = M (the global M under SyncBN)."""
+def grad_input(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, rstd, sums, cfg, *, count, activation, act_param,
+               r: Ncs | None = None, dr: Ncs | None = None):  # fmt: skip
+    """Backward split stage 3 (train): dx (and dr) from the global sums; `count` = M (the global M under SyncBN)."""
+    out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)
     _k._bn_grad_input_kernel[cfg.grid](
-        dx.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), mean, rstd, sums,
-        *x.dims, *x.strides, *dy.strides, *dx.strides, _vec_stride(w), _vec_stride(b), 1.0 / count, act_param,
-        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, ACTIVATION=activation, ACC=_TL[acc_dtype(x.t.dtype)],
+        out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, rstd, sums,
+        *x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w), _vec_stride(b),
+        1.0 / count, act_param, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
+        COMPUTE_DX=dx is not None, COMPUTE_DR=dr is not None, ACTIVATION=activation, ACC=_TL[acc_dtype(x.t.dtype)],
         BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
     )  # fmt: skip
 
@@ -353,31 +365,35 @@ def forward_outputs(x: torch.Tensor, training: bool):
     return new_output(x), mean, rstd
 
 
-def backward_outputs(x, weight, bias, output_mask):
-    """(dx, dweight, dbias) allocated as `bn_bwd` allocates them; None where not asked for or no parameter."""
+def backward_outputs(x, weight, bias, output_mask, residual=None):
+    """(dx, dweight, dbias, dresidual) allocated as `bn_bwd` allocates them; None where not asked for or where
+    there is no such input. output_mask = (dx, dweight, dbias[, dresidual])."""
     C = x.shape[1]
     dx = new_output(x) if output_mask[0] else None
     dw = torch.empty(C, dtype=weight.dtype, device=x.device) if output_mask[1] and weight is not None else None
     db = torch.empty(C, dtype=bias.dtype, device=x.device) if output_mask[2] and bias is not None else None
-    return dx, dw, db
+    needs_dr = len(output_mask) > 3 and output_mask[3] and residual is not None
+    dr = new_output(residual) if needs_dr else None
+    return dx, dw, db, dr
 
 
 def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, training, momentum, cumulative, eps,
-           activation, act_param, running_out=None):  # fmt: skip
+           activation, act_param, running_out=None, residual=None):  # fmt: skip
     """Forward. Returns (y, mean, rstd): the batch mean and rstd in ACC when training (saved for the backward),
     0-element tensors in eval (the backward then reads the running stats).
 
     Training with running stats writes the updated stats into `running_out` = (mean_out, var_out), by default
     running_mean/running_var themselves (in place). `cumulative` uses 1/num_batches_tracked (already incremented)
-    as the factor.
+    as the factor. `residual` (x's shape, any strides) is added before the activation.
     """
     y_t, mean, rstd = forward_outputs(x, training)
     transposed = is_transposed_2d(x)
     x3, y3 = as_ncs(x, transposed), as_ncs(y_t, transposed)
+    r3 = as_ncs(residual, transposed) if residual is not None else None
     cfg = config_for(x3, 2 if x.dtype == torch.float64 else 1)  # register_widening(ACC), inlined: hot path
     if not training:
         normalize(x3, y3, weight, bias, running_mean, running_var, cfg, stat_is_var=True, eps=eps,
-                  activation=activation, act_param=act_param)  # fmt: skip
+                  activation=activation, act_param=act_param, r=r3)  # fmt: skip
         return y_t, mean, rstd
     running = None
     if running_mean is not None:
@@ -386,30 +402,34 @@ def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, t
     opts = dict(eps=eps, momentum=momentum, cumulative=cumulative)
     if cfg.plan == "single":
         forward_single(x3, y3, weight, bias, mean, rstd, running, nbt, cfg, activation=activation,
-                       act_param=act_param, **opts)  # fmt: skip
+                       act_param=act_param, r=r3, **opts)  # fmt: skip
         return y_t, mean, rstd
     part, shift = stats_partial(x3, cfg)
     stats_finalize(part, shift, mean, rstd, running, nbt, **opts)
     normalize(x3, y3, weight, bias, mean, rstd, cfg, stat_is_var=False, eps=eps, activation=activation,
-              act_param=act_param)  # fmt: skip
+              act_param=act_param, r=r3)  # fmt: skip
     return y_t, mean, rstd
 
 
 def bn_bwd(dy, x, weight, bias, mean, stat, *, training, eps, activation, act_param, needs_dx=True, needs_dw=True,
-           needs_db=True):  # fmt: skip
-    """Backward. (mean, stat) = (batch mean, rstd) in training, (running_mean, running_var) in eval.
-    Returns (dx, dweight, dbias), each None when not asked for or when there is no such parameter."""
-    dx_t, dw, db = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))
+           needs_db=True, residual=None, needs_dr=False):  # fmt: skip
+    """Backward. (mean, stat) = (batch mean, rstd) in training, (running_mean, running_var) in eval; `residual` is
+    the forward's (needed to recompute z under an activation). Returns (dx, dweight, dbias, dresidual), each
+    None when not asked for or when there is no such input. Without an activation dresidual = dy: the caller
+    passes dy on and asks for no dresidual here."""
+    dx_t, dw, db, dr_t = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db, needs_dr), residual)
     transposed = is_transposed_2d(x)
     x3, dy3 = as_ncs(x, transposed), as_ncs(dy, transposed)
     dx3 = as_ncs(dx_t, transposed) if dx_t is not None else None
+    r3 = as_ncs(residual, transposed) if residual is not None and activation else None  # only act' reads it
+    dr3 = as_ncs(dr_t, transposed) if dr_t is not None else None
     cfg = config_for(x3, register_widening(acc_dtype(x.dtype), activation, backward=True))
-    opts = dict(activation=activation, act_param=act_param)
+    opts = dict(activation=activation, act_param=act_param, r=r3, dr=dr3)
     if cfg.plan == "single":
         backward_single(dy3, x3, dx3, weight, bias, mean, stat, dw, db, cfg, training=training, eps=eps, **opts)
-        return dx_t, dw, db
+        return dx_t, dw, db, dr_t
     part = grad_partial(dy3, x3, weight, bias, mean, stat, cfg, training=training, eps=eps, dx=dx3, **opts)
     sums = grad_finalize(part, dw, db)
-    if training and dx3 is not None:
+    if training and (dx3 is not None or dr3 is not None):
         grad_input(dy3, x3, dx3, weight, bias, mean, stat, sums, cfg, count=x3.N * x3.S, **opts)
-    return dx_t, dw, db
+    return dx_t, dw, db, dr_t

@@ -178,7 +178,7 @@ def opcheck_all(device, shape, dtype, affine=True, activation=("relu", 0.0), mas
     dy = torch.randn_like(x)
     _, mean, rstd, _, _ = ops.batch_norm_op(x, w, b, None, None, None, True, 0.1, False, 1e-5, *activation)
     for training, stats in ((True, (mean, rstd)), (False, (rm, rv))):
-        args = (dy, x, w, b, *stats, training, 1e-5, *activation, list(mask))
+        args = (dy, x, w, b, *stats, None, training, 1e-5, *activation, [*mask, False])
         torch.library.opcheck(ops.batch_norm_backward_op, args)
 
 
@@ -199,7 +199,7 @@ def test_opcheck_variants(device, kernel_path):
     x, w, b = x.detach(), w.detach(), b.detach()
     _, mean, rstd, _, _ = ops.batch_norm_op(x, w, b, None, None, None, True, 0.1, False, 1e-5, "", 0.0)
     dy = torch.randn_like(x)
-    args = (dy, x, w, b, mean, rstd, True, 1e-5, "", 0.0, [False, True, True])
+    args = (dy, x, w, b, mean, rstd, None, True, 1e-5, "", 0.0, [False, True, True, False])
     torch.library.opcheck(ops.batch_norm_backward_op, args)
 
 
@@ -224,12 +224,12 @@ def test_eager_and_traced_entries_save_the_same(device, training):
     assert ops.BatchNormFunction.backward is ops._backward
     x, w, b, rm, rv = op_inputs(device, (8, 4), torch.float32)
     need_kernels(x)
-    args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0)
+    args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0, None)
     y_fn = ops.BatchNormFunction.apply(*args)[0]
-    args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0)
+    args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0, None)
     y_op = ops.batch_norm_op(*args)[0]
     saved_fn, saved_op = y_fn.grad_fn.saved_tensors, y_op.grad_fn.saved_tensors
-    assert len(saved_fn) == len(saved_op) == 5
+    assert len(saved_fn) == len(saved_op) == 6
     for a, c in zip(saved_fn, saved_op, strict=True):
         assert (a is None) == (c is None)
         if a is not None:

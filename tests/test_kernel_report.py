@@ -3,7 +3,10 @@
 One subprocess compiles the `ci` matrix for sm_80 and sm_90 (about 80 s on 2 cores) WITHOUT TRITON_INTERPRET
 (tests/conftest.py sets it in this process, and interpreted kernels cannot be compiled); the tests read its JSON:
 - every configuration compiles (an activation constant that Triton cannot see inside a kernel fails here);
-- no configuration spills registers;
+- no configuration spills registers, on the stacks the README names as tested (TESTED_STACKS); on another
+  stack a spill skips the test with the list, which `python -m bench.kernel_report` and the benchmarks report
+  (another ptxas may spill a few bytes: triton 3.6 spills 8 bytes in two configurations of the bwd partial-sums
+  kernel, torch 2.15 + triton 3.9 is reported to spill 4 bytes in two sm_90 configurations);
 - `expect_vec128` configurations (float32, contiguous, fast-axis tile extent >= 4, C resp. L a multiple of 16:
   the rule in bench/kernel_report.py's docstring) load, and store their tiles, 128 bits at a time.
 """
@@ -51,14 +54,46 @@ def test_every_configuration_compiles(report):
     assert not broken, f"{len(broken)} configurations do not compile:\n" + "\n".join(broken)
 
 
+# (torch, triton) major.minor stacks the README names as tested, on which no configuration may spill: the ones the
+# report was measured on with no spill. Triton brings its own ptxas, so the triton version decides.
+TESTED_STACKS = (("2.14", "3.8"),)
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def check_spills(spills: list[str], stack: tuple[str, str]) -> None:
+    """Fail on any spill on a tested stack; on another stack, skip with what spilled instead of failing."""
+    if spills and stack not in TESTED_STACKS:
+        pytest.skip(
+            f"{len(spills)} configurations spill registers on torch {stack[0]} + triton {stack[1]}, a stack the README "
+            "does not name as tested; `python -m bench.kernel_report` lists them (first: " + spills[0] + ")"
+        )
+    assert not spills, f"{len(spills)} configurations spill registers:\n" + "\n".join(spills)
+
+
 def test_no_spills(report):
+    import torch
+    import triton
+
     spills = [
         _describe(r, a)
         for r in report["rows"]
         for a in report["archs"]
         if "error" not in r[f"sm{a}"] and (r[f"sm{a}"]["spill_stores"] or r[f"sm{a}"]["spill_loads"])
     ]
-    assert not spills, f"{len(spills)} configurations spill registers:\n" + "\n".join(spills)
+    check_spills(spills, (_major_minor(torch.__version__), _major_minor(triton.__version__)))
+
+
+def test_spills_fail_only_on_tested_stacks():
+    spill = ["sm90 _bn_bwd_kernel train float32 gelu shape 4096x256 BLOCK 8x64 warps 4: regs 255, spill 4/4 B"]
+    assert _major_minor("2.15.0+cu130") == "2.15" and _major_minor("3.9.0") == "3.9"
+    with pytest.raises(pytest.skip.Exception, match="torch 2.15 \\+ triton 3.9.*bench.kernel_report"):
+        check_spills(spill, ("2.15", "3.9"))
+    with pytest.raises(AssertionError, match="1 configurations spill"):
+        check_spills(spill, ("2.14", "3.8"))
+    check_spills([], ("2.15", "3.9"))  # no spill: passes anywhere
 
 
 def test_128_bit_accesses_on_aligned_contiguous_float32(report):

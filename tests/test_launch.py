@@ -32,7 +32,7 @@ def test_stages_compose_to_bn_fwd_and_bn_bwd():
             x, w, b, None, None, None, training=True, momentum=0.1, cumulative=False, eps=1e-5, activation="gelu",
             act_param=0.0,
         )  # fmt: skip
-        dx_ref, dw_ref, db_ref = launch.bn_bwd(dy, x, w, b, mean_ref, rstd_ref, training=True, eps=1e-5,
+        dx_ref, dw_ref, db_ref, _ = launch.bn_bwd(dy, x, w, b, mean_ref, rstd_ref, training=True, eps=1e-5,
                                                activation="gelu", act_param=0.0)  # fmt: skip
         x3 = launch.as_ncs(x)
         cfg = launch.config_for(x3, 1)

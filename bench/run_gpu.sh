@@ -55,10 +55,10 @@ torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
 
 stage "GPU parity tests" 150 env BNFAST_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
     $PY -m pytest tests -q --tb=short -p no:cacheprovider --deselect tests/test_kernel_report.py
-# MNIST first (cheap), then the BN matrix (headline cases first: bench/harness.py cases()); 90 s kept back for
+# MNIST and SyncBatchNorm first (cheap), then the BN matrix (headline cases first: bench/harness.py cases()); 90 s kept back for
 # the summary and the kernel report
 # shellcheck disable=SC2086
-stage "benchmarks" $(($(left) - 90)) $PY -m pytest bench/test_mnist_step.py bench/test_batch_norm.py -q \
+stage "benchmarks" $(($(left) - 90)) $PY -m pytest bench/test_mnist_step.py bench/test_sync_batch_norm.py bench/test_batch_norm.py -q \
     -p no:cacheprovider --benchmark-only --benchmark-json="$DEST/bench.json" --benchmark-columns=min,median,iqr,rounds \
     ${BENCH_ARGS:-}
 if [ -s "$DEST/bench.json" ]; then

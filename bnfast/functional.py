@@ -52,8 +52,9 @@ def _needs_torch_ops() -> bool:
     return torch._C._functorch.maybe_current_level() is not None or torch.jit.is_tracing()
 
 
-def _common_case(x, tensors, training, eps) -> bool:
-    """The cheap tests of the module docstring: True when nothing needs torch's verdict."""
+def _common_layout(x, tensors, eps) -> bool:
+    """The cheap tests on dtypes, sizes, devices and eps (bnfast.distributed uses them alone: under SyncBatchNorm
+    a rank may hold one value per channel, or none)."""
     dtype = x.dtype
     if dtype not in _SUPPORTED_DTYPES or x.dim() < 2 or not eps > 0:  # `not eps > 0` also catches NaN
         return False
@@ -65,8 +66,15 @@ def _common_case(x, tensors, training, eps) -> bool:
             return False
         if t.shape != (C,) or t.get_device() != device:  # get_device: an int, cheaper than a torch.device
             return False
+    return True
+
+
+def _common_case(x, tensors, training, eps) -> bool:
+    """The cheap tests of the module docstring: True when nothing needs torch's verdict."""
+    if not _common_layout(x, tensors, eps):
+        return False
     if training:
-        return x.numel() != C  # more than one value per channel (x.numel() == 0 takes torch's path anyway)
+        return x.numel() != x.shape[1]  # more than one value per channel (x.numel() == 0 takes torch's path anyway)
     return tensors[2] is not None and tensors[3] is not None  # eval needs running stats
 
 

@@ -12,6 +12,11 @@ Why wrap and not change the module's type: a fused module must stay an `nn.Batch
 `isinstance` checks in training code, state_dict, hooks), and torch's converters select by exactly that type,
 or read only attributes every BatchNorm has; raising is the one answer that cannot be silently wrong.
 
+DistributedDataParallel refuses every `nn.SyncBatchNorm` in a CPU module ("SyncBatchNorm layers only work with GPU
+modules": torch's kernels need a GPU). FusedSyncBatchNorm is an nn.SyncBatchNorm that runs on CPU over gloo, so
+`install()` also wraps that check (`DistributedDataParallel._passing_sync_batchnorm_handle`, when it exists): torch's
+check, unchanged, for any model holding a torch SyncBatchNorm; nothing for FusedSyncBatchNorm alone.
+
 Imports: torch, bnfast.modules.
 """
 
@@ -20,7 +25,7 @@ import functools
 import torch
 from torch import nn
 
-from .modules import FusedBatchNormBase
+from .modules import FusedBatchNormBase, FusedSyncBatchNorm
 
 _ORIGINAL = {}
 
@@ -57,7 +62,7 @@ def install() -> None:
     @functools.wraps(original)
     def convert_sync_batchnorm(cls, module, process_group=None):
         # torch's converter recurses through cls.convert_sync_batchnorm, so every submodule passes here
-        instead = "use a BatchNorm without activation followed by the activation module"
+        instead = "use bnfast.FusedSyncBatchNorm.convert_sync_batchnorm, which keeps it"
         _refuse_fused_activation(module, "nn.SyncBatchNorm.convert_sync_batchnorm", instead)
         return original(cls, module, process_group)
 
@@ -65,3 +70,22 @@ def install() -> None:
     nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm)
     for name in ("fuse_linear_bn_eval", "fuse_conv_bn_eval"):
         _guard_fusion(name)
+    _allow_fused_sync_bn_in_cpu_ddp()
+
+
+def _allow_fused_sync_bn_in_cpu_ddp() -> None:
+    ddp = nn.parallel.DistributedDataParallel
+    original = getattr(ddp, "_passing_sync_batchnorm_handle", None)
+    if original is None:
+        return
+    _ORIGINAL["_passing_sync_batchnorm_handle"] = original
+
+    @functools.wraps(original)
+    def check(self, module):
+        torch_sync = (m for m in module.modules() if isinstance(m, nn.SyncBatchNorm))
+        if any(not isinstance(m, FusedSyncBatchNorm) for m in torch_sync):
+            return original(self, module)
+        return None
+
+    check.__bnfast_guard__ = True
+    ddp._passing_sync_batchnorm_handle = check

@@ -1,19 +1,22 @@
-"""`FusedBatchNorm1d/2d/3d`: drop-in torch.nn.BatchNorm1d/2d/3d on Triton kernels, optionally fusing an activation.
+"""`FusedBatchNorm1d/2d/3d`, `FusedSyncBatchNorm`: drop-in torch.nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm on
+Triton kernels, optionally fusing an activation.
 
 Each module is a subclass of its torch class, so the constructor, parameters, buffers, state_dict,
 reset_parameters, reset_running_stats, input-dim check, pickling and deepcopy are torch's own; `forward`
 mirrors torch's (`num_batches_tracked += 1`, momentum=None is the cumulative average, batch statistics in
-training or when the buffers are None) and calls `bnfast.functional`.
+training or when the buffers are None) and calls `bnfast.functional` (`bnfast.distributed` for
+FusedSyncBatchNorm, which syncs in training over a process group and is the plain module otherwise).
 
 Saved for the backward: the input x and two per-channel vectors (mean and rstd in training; the running
 buffers in eval). nn.BatchNorm1d followed by an activation module also keeps the BN output (or the
 activation's output) alive for the activation's backward; bnfast recomputes it from x in the backward
 kernel instead, so a BN + activation layer keeps one (N, C, L) tensor where torch keeps two.
 
-torch.fx: `batch_norm_impl` is an fx leaf (`torch.fx.wrap`), so `symbolic_trace` records one call instead of
-tracing into the checks. torch.jit.script cannot compile Triton launches: scripting raises a clear error.
+torch.fx: `batch_norm_impl` (`sync_batch_norm_impl`) is an fx leaf (`torch.fx.wrap`), so `symbolic_trace`
+records one call instead of tracing into the checks. torch.jit.script cannot compile Triton launches: scripting
+raises a clear error.
 
-Imports: torch, bnfast.activations, bnfast.functional.
+Imports: torch, bnfast.activations, bnfast.functional, bnfast.distributed.
 """
 
 import inspect
@@ -22,9 +25,11 @@ import torch
 from torch import nn
 
 from .activations import resolve_activation
+from .distributed import sync_batch_norm_impl
 from .functional import batch_norm_impl
 
 torch.fx.wrap("batch_norm_impl")
+torch.fx.wrap("sync_batch_norm_impl")
 
 _TORCH_HAS_BN_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
@@ -107,3 +112,72 @@ class FusedBatchNorm3d(FusedBatchNormBase, nn.BatchNorm3d):
     ``activation=`` as in :class:`FusedBatchNorm1d`."""
 
     _INPUT_DIMS = (5,)
+
+
+_OWN_STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "activation", "process_group")
+
+
+class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
+    """Drop-in :class:`torch.nn.SyncBatchNorm` (inputs (N, C, *), 2-D and up) on Triton kernels, with
+    ``activation=`` as in :class:`FusedBatchNorm1d`. In training over an initialised process group of more than
+    one rank it normalises with the global batch's statistics: one all_gather of each rank's packed (count, mean,
+    M2) partials in the forward, one all_reduce of the (2, C) gradient sums in the backward
+    (bnfast/distributed.py, which also lists the bytes per step against torch's). Otherwise (eval, no process
+    group, world size 1) it is exactly the non-synced module. CUDA tensors on NCCL (or gloo), CPU tensors on gloo.
+    Parameters, buffers and state_dict are nn.SyncBatchNorm's.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True, activation=None) -> None:  # fmt: skip
+        self.activation = resolve_activation(activation)  # before __init__: reset_parameters may print repr
+        args = (num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
+        if _TORCH_HAS_BN_BIAS:  # FusedBatchNormBase.__init__ passes no process_group: call torch's directly
+            nn.SyncBatchNorm.__init__(self, *args, bias=bias)
+        else:
+            nn.SyncBatchNorm.__init__(self, *args)
+            if affine and not bias:
+                self.register_parameter("bias", None)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return sync_batch_norm_impl(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            self.training,
+            bn_training,
+            self.momentum,
+            self.eps,
+            self.activation,
+            self.num_batches_tracked,
+            count_batch,
+            self.process_group,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Every BatchNorm in `module` (torch's BatchNorm1d/2d/3d and SyncBatchNorm, bnfast's modules: any
+        `_BatchNorm`, as torch's converter) becomes a FusedSyncBatchNorm over `process_group`, taking over the
+        very same Parameter and buffer objects, a bnfast module's fused activation, and hooks, training flag and
+        custom attributes (as `bnfast.convert`). Returns the converted module (a new one if `module` itself is a
+        BatchNorm). To also fuse BatchNorm -> activation pairs, run `bnfast.convert(model)` first."""
+        converted = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            converted = cls(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                process_group, device="meta", bias=module.bias is not None if module.affine else True,
+                activation=module.activation if isinstance(module, FusedBatchNormBase) else None,
+            )  # fmt: skip
+            for name in ("weight", "bias"):
+                converted.register_parameter(name, getattr(module, name, None))
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                converted.register_buffer(name, getattr(module, name, None))
+            converted.__dict__.update({k: v for k, v in vars(module).items() if k not in _OWN_STATE})
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted

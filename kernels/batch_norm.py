@@ -25,6 +25,10 @@ Partials (the unit SyncBatchNorm puts a collective between; format documented on
     grad partials   `part` (2, K, C) in ACC: per split k: sum g, sum g*xhat
 Empty splits hold count 0 (stats) or 0 sums (grad) and add nothing; the finalize kernels merge the K rows
 in a fixed order: no atomics, results are bit-identical run to run.
+SyncBatchNorm (bnfast/distributed.py): `_bn_stats_merge` packs one rank's K rows into (4, C) = count, mean of
+(x - shift), M2, shift; the gathered (world, 4, C) rows go through the same finalize with a shift per row
+(ROW_SHIFTS: means rebased to the first non-empty rank's shift), in rank order; the backward all-reduces the
+(2, C) sums of `_bn_grad_finalize` before `_bn_grad_input`.
 
 Passes and launches per plan (chosen by `kernels.launch`):
     plan          train forward                         train backward                    traffic (x, dy)
@@ -220,6 +224,57 @@ def _sum_rows(part_ptr, row0, num_rows, c_offs, C, BLOCK_ROWS: tl.constexpr, ACC
     return total
 
 
+@triton.jit
+def _merge_stats(part_ptr, shift_ptr, num_rows, stride_row, stride_plane, stride_shift, c_offs, C,
+                 ROW_SHIFTS: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr):  # fmt: skip
+    """Merge stats rows k < num_rows (count, mean of x - shift, M2; row k at part_ptr + k * stride_row, the three
+    planes stride_plane apart) in a fixed order with the parallel formula: (count, mean relative to shift, M2,
+    shift) per channel. One shift (C,) for all rows, or (ROW_SHIFTS) one per row, stride_shift apart: the means
+    are then rebased to the first non-empty row's shift (an empty row's shift means nothing: a rank with no
+    samples), so they stay small numbers (see Accuracy)."""
+    c_mask = c_offs < C
+    if ROW_SHIFTS:
+        first = tl.zeros(c_offs.shape, tl.int32) + num_rows
+        for k0 in range(0, num_rows, BLOCK_ROWS):
+            k = k0 + tl.arange(0, BLOCK_ROWS)
+            mask = (k[:, None] < num_rows) & c_mask[None, :]
+            cnt = tl.load(part_ptr + k[:, None] * stride_row + c_offs[None, :], mask=mask, other=0.0)
+            first = tl.minimum(first, tl.min(tl.where(cnt > 0, k[:, None], num_rows), axis=0))
+        first = tl.where(first < num_rows, first, 0)  # all rows empty: any shift will do
+        shift = tl.load(shift_ptr + first * stride_shift + c_offs, mask=c_mask, other=0.0)
+    else:
+        shift = tl.load(shift_ptr + c_offs, mask=c_mask, other=0.0)
+    total = tl.zeros(c_offs.shape, ACC)
+    mean_rel = tl.zeros(c_offs.shape, ACC)
+    for k0 in range(0, num_rows, BLOCK_ROWS):
+        k = k0 + tl.arange(0, BLOCK_ROWS)
+        offs = k[:, None] * stride_row + c_offs[None, :]
+        mask = (k[:, None] < num_rows) & c_mask[None, :]
+        cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)  # empty rows have count 0: they add nothing
+        mean_k = tl.load(part_ptr + stride_plane + offs, mask=mask, other=0.0)
+        if ROW_SHIFTS:
+            shift_k = tl.load(shift_ptr + k[:, None] * stride_shift + c_offs[None, :], mask=mask, other=0.0)
+            mean_k = tl.where(cnt > 0, mean_k + (shift_k - shift[None, :]), 0.0)
+        total += tl.sum(cnt, axis=0)
+        # the means are relative to the shift: small numbers, so this weighted sum loses nothing to |mean|
+        mean_rel += tl.sum(cnt * mean_k, axis=0)
+    mean_rel = mean_rel / tl.maximum(total, 1.0)
+    m2 = tl.zeros(c_offs.shape, ACC)
+    for k0 in range(0, num_rows, BLOCK_ROWS):
+        k = k0 + tl.arange(0, BLOCK_ROWS)
+        offs = k[:, None] * stride_row + c_offs[None, :]
+        mask = (k[:, None] < num_rows) & c_mask[None, :]
+        cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        mean_k = tl.load(part_ptr + stride_plane + offs, mask=mask, other=0.0)
+        if ROW_SHIFTS:
+            shift_k = tl.load(shift_ptr + k[:, None] * stride_shift + c_offs[None, :], mask=mask, other=0.0)
+            mean_k = tl.where(cnt > 0, mean_k + (shift_k - shift[None, :]), 0.0)
+        d = mean_k - mean_rel[None, :]
+        m2_k = tl.load(part_ptr + 2 * stride_plane + offs, mask=mask, other=0.0)
+        m2 += tl.sum(m2_k + tl.where(cnt > 0, cnt * d * d, 0.0), axis=0)
+    return total, mean_rel, m2, shift
+
+
 # ----------------------------------------------------------------------------------------- forward kernels
 @triton.jit
 def _bn_fwd_single_kernel(
@@ -287,40 +342,41 @@ def _bn_stats_partial_kernel(
 
 
 @triton.jit
+def _bn_stats_merge_kernel(
+    out_ptr,  # output: (4, C) in ACC: count, mean of (x - shift), M2, shift
+    part_ptr, shift_ptr, C, num_splits,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """SyncBatchNorm's local stage: this rank's K split rows merged in order into one row per channel, the
+    packed unit that the forward's all_gather sends (one rank's partials, whatever its K)."""
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    total, mean_rel, m2, shift = _merge_stats(part_ptr, shift_ptr, num_splits, C, num_splits * C, 0, c_offs, C,
+                                              False, ACC, BLOCK_SPLITS)  # fmt: skip
+    tl.store(out_ptr + c_offs, total, mask=c_mask)
+    tl.store(out_ptr + C + c_offs, mean_rel, mask=c_mask)
+    tl.store(out_ptr + 2 * C + c_offs, m2, mask=c_mask)
+    tl.store(out_ptr + 3 * C + c_offs, shift, mask=c_mask)
+
+
+@triton.jit
 def _bn_stats_finalize_kernel(
     mean_ptr, rstd_ptr,  # outputs, (C,) in ACC
     part_ptr, shift_ptr, rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
-    C, num_splits, stride_rm, stride_rv, stride_rmo, stride_rvo,
+    C, num_splits, stride_part_row, stride_part_plane, stride_shift_row, stride_rm, stride_rv, stride_rmo, stride_rvo,
     eps: tl.float64, momentum: tl.float64,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
+    ROW_SHIFTS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Split stage 2: merge the K splits in a fixed order (parallel formula); mean, rstd, running stats."""
+    """Split stage 2: merge the K rows in a fixed order (parallel formula); mean, rstd, running stats. The rows
+    are one device's splits (one shift), or SyncBatchNorm's gathered ranks (ROW_SHIFTS: a shift per row)."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
-    total = _sum_rows(part_ptr, 0, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
+    total, mean_rel, m2, shift = _merge_stats(part_ptr, shift_ptr, num_splits, stride_part_row, stride_part_plane,
+                                              stride_shift_row, c_offs, C, ROW_SHIFTS, ACC, BLOCK_SPLITS)  # fmt: skip
     safe_total = tl.maximum(total, 1.0)  # only masked channels (c >= C) are empty: keep them finite
-    # the partial means are relative to the shift: small numbers, so this weighted sum loses nothing to |mean|
-    mean_rel = tl.zeros([BLOCK_C], ACC)
-    for k0 in range(0, num_splits, BLOCK_SPLITS):
-        k = k0 + tl.arange(0, BLOCK_SPLITS)
-        offs = k[:, None] * C + c_offs[None, :]
-        mask = (k[:, None] < num_splits) & c_mask[None, :]
-        cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)  # empty splits have count 0: they add nothing
-        mean_k = tl.load(part_ptr + num_splits * C + offs, mask=mask, other=0.0)
-        mean_rel += tl.sum(cnt * mean_k, axis=0)
-    mean_rel = mean_rel / safe_total
-    m2 = tl.zeros([BLOCK_C], ACC)
-    for k0 in range(0, num_splits, BLOCK_SPLITS):
-        k = k0 + tl.arange(0, BLOCK_SPLITS)
-        offs = k[:, None] * C + c_offs[None, :]
-        mask = (k[:, None] < num_splits) & c_mask[None, :]
-        cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)
-        d = tl.load(part_ptr + num_splits * C + offs, mask=mask, other=0.0) - mean_rel[None, :]
-        m2_k = tl.load(part_ptr + 2 * num_splits * C + offs, mask=mask, other=0.0)
-        m2 += tl.sum(m2_k + tl.where(cnt > 0, cnt * d * d, 0.0), axis=0)
     var = m2 / safe_total
-    mean = tl.load(shift_ptr + c_offs, mask=c_mask, other=0.0) + mean_rel
+    mean = shift + mean_rel
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
     tl.store(rstd_ptr + c_offs, _rsqrt_eps(var, eps, ACC), mask=c_mask)
     if UPDATE_RUNNING:

@@ -6,8 +6,10 @@ compose them into the two launch plans (see kernels/batch_norm.py for the math, 
 the passes):
 
     forward   single-pass: forward_single                     split: stats_partial -> stats_finalize -> normalize
+    SyncBN    stats_partial -> stats_merge -> all_gather -> stats_finalize (per-row shifts) -> normalize
     eval fwd  normalize (running stats)
     backward  single-pass: backward_single                    split: grad_partial -> grad_finalize -> grad_input
+    SyncBN    grad_partial -> grad_finalize -> all_reduce -> grad_input
     eval bwd  single-pass: backward_single                    split: grad_partial (+ dx) -> grad_finalize
 
 Inputs are validated by `bnfast.functional` (shapes, dtypes, M >= 2 in training). `as_ncs` views any 2-D to
@@ -195,9 +197,14 @@ def new_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def config_for(x: Ncs, widen: int) -> LaunchConfig:
+def config_for(x: Ncs, widen: int, split: bool = False) -> LaunchConfig:
+    """`launch_config` for x; `split` forces the split plan (SyncBatchNorm: the partials must exist), keeping a
+    forced tile size."""
     c_fast = x.sc == 1 and x.C > 1 and (x.S == 1 or x.ss != 1)
-    return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.device), PLAN_OVERRIDE)
+    override = PLAN_OVERRIDE
+    if split and (override is None or override[0] != "split"):
+        override = ("split", override[1] if override is not None else None)
+    return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.device), override)
 
 
 def _stat_pair(like: torch.Tensor, C: int, dtype: torch.dtype):
@@ -250,13 +257,29 @@ def stats_partial(x: Ncs, cfg):
     return part, shift
 
 
+def stats_merge(part, shift, out=None):
+    """SyncBatchNorm's local stage: the K rows of `part` merged in order into one packed (4, C) tensor in ACC
+    (count, mean of x - shift, M2, shift), written into `out` (e.g. this rank's slot of the gather buffer)."""
+    C = part.shape[2]
+    out = torch.empty((4, C), dtype=part.dtype, device=part.device) if out is None else out
+    _k._bn_stats_merge_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
+        out, part, shift, C, part.shape[1], ACC=_TL[part.dtype], BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS,
+        BLOCK_C=FINALIZE_BLOCK_C,
+    )  # fmt: skip
+    return out
+
+
 def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumulative):
-    """Split stage 2: merge the K rows of `part` in order into `mean`/`rstd` (ACC, (C,)); running stats updated."""
+    """Split stage 2: merge the K rows of `part` in order into `mean`/`rstd` (ACC, (C,)); running stats updated.
+    `part` is (3, K, C) with unit channel stride (any row and plane strides: SyncBatchNorm passes a view of the
+    gathered (world, 4, C) buffer); `shift` is (C,), or (K, C) for a shift per row (the gathered ranks')."""
     C = part.shape[2]
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)
+    row_shifts = shift.dim() == 2
     _k._bn_stats_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
         mean, rstd, part, shift, rm, rv, rm_out, rv_out, _or(nbt, mean), C, part.shape[1],
-        rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum,
+        part.stride(1), part.stride(0), shift.stride(0) if row_shifts else 0,
+        rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum, ROW_SHIFTS=row_shifts,
         UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, ACC=_TL[part.dtype],
         BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS, BLOCK_C=FINALIZE_BLOCK_C,
     )  # fmt: skip

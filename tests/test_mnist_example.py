@@ -39,7 +39,8 @@ TRAIN_LOGITS_ATOL = 1e-4
 ACCURACY_GAP = 0.02
 MIN_ACCURACY = 0.6  # chance is 0.1; one short epoch reaches about 0.8
 OPTIONS = ("--epochs", "--batch-size", "--lr", "--hidden", "--activation", "--seed", "--device", "--data-dir",
-           "--download", "--limit-train", "--limit-test", "--models", "--no-plots", "--out")  # fmt: skip
+           "--download", "--limit-train", "--limit-test", "--models", "--no-plots", "--out",
+           "--recalibrate")  # fmt: skip
 
 
 def local_mnist_dir() -> Path | None:
@@ -74,7 +75,7 @@ def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mnist")
     out = tmp / "out"
     result = run_example(tmp, "--data-dir", tmp / "data", "--out", out, "--epochs", 1, "--limit-train", 2000,
-                         "--limit-test", 1000, "--no-download")  # fmt: skip
+                         "--limit-test", 1000, "--no-download", "--recalibrate")  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads((out / "results.json").read_text()), out, result.stdout
 
@@ -128,6 +129,15 @@ def test_bnfast_matches_torch_bn(smoke_run):
     assert match["train_mode_logits_max_abs_diff"] < TRAIN_LOGITS_ATOL, match
     torch_bn, fused = (results["models"][name][-1]["valid_acc"] for name in ("torch-BN", "bnfast"))
     assert abs(torch_bn - fused) <= ACCURACY_GAP
+
+
+def test_recalibrate_reports_accuracy_before_and_after(smoke_run):
+    results, _, stdout = smoke_run
+    assert set(results["recalibrate"]) == {"torch-BN", "bnfast"}  # the models with BatchNorm
+    for name, row in results["recalibrate"].items():
+        assert row["valid_acc_before"] == results["models"][name][-1]["valid_acc"]
+        assert row["valid_acc_after"] > MIN_ACCURACY, (name, row)
+    assert "recalibrated bnfast: test acc" in stdout
 
 
 def test_outputs_written(smoke_run):

@@ -281,7 +281,8 @@ def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumu
         part.stride(1), part.stride(0), shift.stride(0) if row_shifts else 0,
         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum, ROW_SHIFTS=row_shifts,
         UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, ACC=_TL[part.dtype],
-        BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS, BLOCK_C=FINALIZE_BLOCK_C,
+        # float64 rows: half as many per iteration (at 32 x 32 float64 values ptxas spills 16 bytes on sm_80)
+        BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS // (2 if part.dtype == torch.float64 else 1), BLOCK_C=FINALIZE_BLOCK_C,
     )  # fmt: skip
 
 

@@ -72,7 +72,8 @@ CORE_VARIANTS = [("float32", ""), ("float32", "relu"), ("bfloat16", ""), ("bfloa
 EXTRA_VARIANTS = [("float16", "relu"), ("float64", "relu"), ("bfloat16", "mish"), ("float64", "mish")] + [
     ("float32", act) for act in SUPPORTED_ACTIVATIONS if act != "relu"
 ]
-# the largest tile per thread of each plan and layout (fused (N, C); split (N, C) and (N, C, L)): where registers peak
+# the largest tile per thread of each plan and layout (single-pass (N, C); split (N, C) and (N, C, L)): where
+# registers peak
 HEAVY_SHAPES = [(256, 1024), (4096, 256), (64, 256, 1024), (8192, 64, 128)]
 # ResNet-50's BatchNorm2d shapes at batch 256 (issue 11's benchmark cases), NCHW and channels_last
 RESNET_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
@@ -90,6 +91,8 @@ MATRICES = {
         (CHANNELS_LAST_SHAPES, [("float32", "relu")], ("channels_last",)),
         # BN + add + ReLU (the fused residual) on ResNet shapes, both memory formats
         (RESNET_SHAPES[::3], [("float32", "relu", "residual"), ("bfloat16", "relu", "residual")], LAYOUTS),
+        # SyncBatchNorm's stages (forced split partials, the per-rank merge, the finalize over gathered rows)
+        ([(32, 32), (8, 64, 128)], [("float32", "", "sync"), ("float64", "", "sync")]),
         # what the tests run under force_plan("split", tile_elements=64): tiny tiles, many splits
         (TEST_SHAPES, [("float32", "relu")], LAYOUTS, ("split", 64)),
         (HEAVY_SHAPES, [("float64", "mish")]),
@@ -128,7 +131,7 @@ MATRICES = {
         (BENCH_SHAPES + TEST_SHAPES + TYPICAL_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS, LAYOUTS),
     ],
 }
-FINALIZE_KERNELS = ("_bn_stats_finalize_kernel", "_bn_grad_finalize_kernel")  # no x tile
+FINALIZE_KERNELS = ("_bn_stats_merge_kernel", "_bn_stats_finalize_kernel", "_bn_grad_finalize_kernel")  # no x tile
 TILE_STORE_KERNELS = ("_bn_fwd_single_kernel", "_bn_normalize_kernel", "_bn_bwd_single_kernel", "_bn_grad_input_kernel")
 
 
@@ -157,6 +160,16 @@ def _meta_input(shape, layout, dtype):
         fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
         return torch.empty(shape, device="meta", dtype=dtype, memory_format=fmt)
     return torch.empty(shape, device="meta", dtype=dtype)
+
+
+def _record_sync_stages(launch, x, mean, rstd, world=3):
+    """SyncBatchNorm's forward stages on meta tensors (bnfast/distributed.py): what only it launches."""
+    x3 = launch.as_ncs(x)
+    part, shift = launch.stats_partial(x3, launch.config_for(x3, 2 if x.dtype == torch.float64 else 1, split=True))
+    gathered = torch.empty((world, 4, x3.C), dtype=part.dtype, device=x.device)
+    launch.stats_merge(part, shift, out=gathered[0])
+    launch.stats_finalize(gathered.transpose(0, 1)[:3], gathered[:, 3], mean, rstd, None, None, eps=1e-5,
+                          momentum=0.1, cumulative=False)  # fmt: skip
 
 
 def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_counts=SM_COUNTS):
@@ -188,6 +201,8 @@ def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_cou
                     saved = (mean, rstd) if training else (rm, rv)
                     launch.bn_bwd(torch.empty_like(y), x, w, b, *saved, training=training, eps=1e-5, activation=act,
                                   act_param=0.0, residual=residual, needs_dr=residual is not None)  # fmt: skip
+                    if "sync" in extra and training:
+                        _record_sync_stages(launch, x, mean, rstd)
                 for name, _grid, args, kwargs in log:
                     mode = "train" if training else "eval"
                     ctx = dict(shape=shape, layout=layout, dtype=dtype_name, mode=mode, sms=sms,
@@ -402,7 +417,8 @@ def run(matrix="ci", archs=ARCHS, jobs=None):
 
 
 _KERNEL_ORDER = [
-    "_bn_fwd_single_kernel", "_bn_stats_partial_kernel", "_bn_stats_finalize_kernel", "_bn_normalize_kernel",
+    "_bn_fwd_single_kernel", "_bn_stats_partial_kernel", "_bn_stats_merge_kernel", "_bn_stats_finalize_kernel",
+    "_bn_normalize_kernel",
     "_bn_bwd_single_kernel", "_bn_grad_partial_kernel", "_bn_grad_finalize_kernel", "_bn_grad_input_kernel",
 ]  # fmt: skip
 

@@ -10,8 +10,8 @@ converted once and shared, but not fused (its successors may differ).
 
 The new module keeps everything else the old one carried: forward (pre-)hooks, backward hooks, state_dict
 hooks (the very dicts, so existing handles still remove them) and custom attributes. A pair is not fused when
-either module has hooks that would observe the difference (any hook on the activation, forward hooks on the
-BatchNorm: they would see the activation's output), so every hook keeps firing on the same values.
+either module has hooks that would observe the difference (any hook on the activation; forward or backward hooks
+on the BatchNorm: they would see the activation's output or its gradient), so every hook sees the same values.
 
 Imports: torch, bnfast.activations, bnfast.modules.
 """
@@ -81,7 +81,8 @@ def convert(model: nn.Module) -> nn.Module:
                 continue
             following = parent._modules[names[i + 1]] if i + 1 < len(names) else None
             activation = activation_of_module(following) if following is not None else None
-            fusable = activation is not None and not _has_hooks(following) and not _has_hooks(child, _HOOKS[:1])
+            # a BN's forward hooks would see the activation's output, its backward hooks the activation's grad
+            fusable = activation is not None and not _has_hooks(following) and not _has_hooks(child)
             if isinstance(parent, nn.Sequential) and fusable and uses[id(child)] == 1:
                 parent._modules[name] = _fused_from(child, activation)
                 parent._modules[names[i + 1]] = nn.Identity()

@@ -105,13 +105,11 @@ def sync_batch_norm_impl(x, running_mean, running_var, weight, bias, training, b
     group = process_group_of(process_group)
     _check_device(x, group)
     _check_inputs(x, weight, bias, running_mean, running_var, eps)
-    cumulative = momentum is None
-    if cumulative and num_batches_tracked is None and running_mean is not None:
-        raise ValueError("momentum=None (cumulative average) needs the num_batches_tracked tensor")
+    cumulative = momentum is None and num_batches_tracked is not None  # without the counter: factor 0, as torch
     if count_batch:
         num_batches_tracked.add_(1)
     return _synced(x, weight, bias, running_mean, running_var, num_batches_tracked if cumulative else None,
-                   0.0 if cumulative else float(momentum), cumulative, eps, act, group, world)  # fmt: skip
+                   0.0 if momentum is None else float(momentum), cumulative, eps, act, group, world)  # fmt: skip
 
 
 @torch.compiler.disable

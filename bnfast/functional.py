@@ -59,12 +59,14 @@ def _common_layout(x, tensors, eps) -> bool:
     if dtype not in _SUPPORTED_DTYPES or x.dim() < 2 or not eps > 0:  # `not eps > 0` also catches NaN
         return False
     C, device, half = x.shape[1], x.get_device(), dtype in _HALF
+    if x.is_meta:
+        return False
     for t in tensors:
         if t is None:
             continue
         if t.dtype is not dtype and not (half and t.dtype is torch.float32):
             return False
-        if t.shape != (C,) or t.get_device() != device:  # get_device: an int, cheaper than a torch.device
+        if t.shape != (C,) or t.get_device() != device or t.is_meta:  # get_device: an int (CPU and meta: -1)
             return False
     return True
 
@@ -133,9 +135,9 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
             f"bnfast: residual must have the input's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, "
             f"{x.device}); got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
         )
-    cumulative = training and momentum is None
-    if cumulative and num_batches_tracked is None and running_mean is not None:
-        raise ValueError("momentum=None (cumulative average) needs the num_batches_tracked tensor")
+    # momentum=None is the cumulative average 1/num_batches_tracked; without that counter, torch's module uses a
+    # factor of 0 (the stats stay): so do we
+    cumulative = training and momentum is None and num_batches_tracked is not None
     if count_batch:
         num_batches_tracked.add_(1)
     factor = 0.0 if momentum is None or not training else float(momentum)

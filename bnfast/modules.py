@@ -8,9 +8,10 @@ training or when the buffers are None) and calls `bnfast.functional` (`bnfast.di
 FusedSyncBatchNorm, which syncs in training over a process group and is the plain module otherwise).
 
 Saved for the backward: the input x and two per-channel vectors (mean and rstd in training; the running
-buffers in eval). nn.BatchNorm1d followed by an activation module also keeps the BN output (or the
-activation's output) alive for the activation's backward; bnfast recomputes it from x in the backward
-kernel instead, so a BN + activation layer keeps one (N, C, L) tensor where torch keeps two.
+buffers in eval), and the residual when one is added under an activation (bnfast/ops.py). nn.BatchNorm1d
+followed by an activation module also keeps the BN output (or the activation's output) alive for the
+activation's backward; bnfast recomputes it from x in the backward kernel instead, so a BN + activation layer
+keeps one (N, C, L) tensor where torch keeps two.
 
 torch.fx: `batch_norm_impl` (`sync_batch_norm_impl`) is an fx leaf (`torch.fx.wrap`), so `symbolic_trace`
 records one call instead of tracing into the checks. torch.jit.script cannot compile Triton launches: scripting

@@ -96,6 +96,20 @@ def _add_residual(z, r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, strid
 
 
 @triton.jit
+def _grad_tile(x_ptr, dy_ptr, r_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc,
+               stride_dys, stride_rn, stride_rc, stride_rs, mean, rstd, w, b, act_param, HAS_RESIDUAL: tl.constexpr,
+               ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(xhat, g) of one tile: xhat = (x - mean)*rstd, g = dy*act'(w*xhat + b [+ r]); masked lanes have dy = 0, so
+    g = 0 there and they add nothing to the sums."""
+    x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
+    dy, _ = _load_tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N, BLOCK_S)
+    xhat = (x - _bcast(mean)) * _bcast(rstd)
+    shift = _add_residual(_bcast(b), r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs, HAS_RESIDUAL,
+                          ACC, BLOCK_N, BLOCK_S)
+    return xhat, _grad_pre_activation(dy, xhat, _bcast(w), shift, ACTIVATION, act_param)
+
+
+@triton.jit
 def _tile_origin(t, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """(n0, s0) of tile t; tiles are numbered s-fastest over the (N, S) reduction plane."""
     s_tiles = tl.cdiv(S, BLOCK_S)
@@ -146,7 +160,8 @@ def _channel_mean(x, mask, count):
     correction is accurate and the mean comes out correctly rounded, like a float64 sum would.
     """
     mean0 = _channel_sum(x) / count
-    return mean0 + _channel_sum(tl.where(mask, x - _bcast(mean0), 0.0)) / count
+    refined = mean0 + _channel_sum(tl.where(mask, x - _bcast(mean0), 0.0)) / count
+    return tl.where(tl.abs(mean0) < float("inf"), refined, mean0)  # an inf stays inf (inf - inf would be NaN)
 
 
 @triton.jit
@@ -440,12 +455,9 @@ def _bn_bwd_single_kernel(
     c_mask = c_offs < C
     mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps, not TRAINING, ACC)
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
-    x, mask = _load_tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
-    dy, _ = _load_tile(dy_ptr, 0, 0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N, BLOCK_S)
-    xhat = (x - _bcast(mean)) * _bcast(rstd)
-    shift = _add_residual(_bcast(b), r_ptr, 0, 0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs, HAS_RESIDUAL,
-                          ACC, BLOCK_N, BLOCK_S)  # fmt: skip
-    g = _grad_pre_activation(dy, xhat, _bcast(w), shift, ACTIVATION, act_param)  # dy = 0 on masked lanes
+    xhat, g = _grad_tile(x_ptr, dy_ptr, r_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn,
+                         stride_dyc, stride_dys, stride_rn, stride_rc, stride_rs, mean, rstd, w, b, act_param,
+                         HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N, BLOCK_S)
     if COMPUTE_DR:
         _store_tile(dr_ptr, g, 0, 0, c_offs, N, C, S, stride_drn, stride_drc, stride_drs, BLOCK_N, BLOCK_S)
     sum_g = _channel_sum(g)
@@ -485,13 +497,9 @@ def _bn_grad_partial_kernel(
     sum_gx = tl.zeros([BLOCK_C], ACC)
     for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
         n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
-        x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
-        dy, _ = _load_tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N,
-                           BLOCK_S)  # fmt: skip
-        xhat = (x - _bcast(mean)) * _bcast(rstd)
-        shift = _add_residual(_bcast(b), r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs,
-                              HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)  # fmt: skip
-        g = _grad_pre_activation(dy, xhat, _bcast(w), shift, ACTIVATION, act_param)  # 0 on masked lanes
+        xhat, g = _grad_tile(x_ptr, dy_ptr, r_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs,
+                             stride_dyn, stride_dyc, stride_dys, stride_rn, stride_rc, stride_rs, mean, rstd, w, b,
+                             act_param, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N, BLOCK_S)
         sum_g += _channel_sum(g)
         sum_gx += _channel_sum(g * xhat)
         if not TRAINING:
@@ -550,13 +558,9 @@ def _bn_grad_input_kernel(
     mean_gx = _bcast(tl.load(sums_ptr + C + c_offs, mask=c_mask, other=0.0) * inv_m)
     for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
         n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
-        x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
-        dy, _ = _load_tile(dy_ptr, n0, s0, c_offs, N, C, S, stride_dyn, stride_dyc, stride_dys, ACC, BLOCK_N,
-                           BLOCK_S)  # fmt: skip
-        xhat = (x - _bcast(mean)) * _bcast(rstd)
-        shift = _add_residual(_bcast(b), r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs,
-                              HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)  # fmt: skip
-        g = _grad_pre_activation(dy, xhat, _bcast(w), shift, ACTIVATION, act_param)
+        xhat, g = _grad_tile(x_ptr, dy_ptr, r_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs,
+                             stride_dyn, stride_dyc, stride_dys, stride_rn, stride_rc, stride_rs, mean, rstd, w, b,
+                             act_param, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N, BLOCK_S)
         if COMPUTE_DR:
             _store_tile(dr_ptr, g, n0, s0, c_offs, N, C, S, stride_drn, stride_drc, stride_drs, BLOCK_N, BLOCK_S)
         if COMPUTE_DX:

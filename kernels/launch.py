@@ -18,8 +18,9 @@ tile's long axis from the strides: C when stride_c == 1 ((N, C), channels_last, 
 S otherwise (NCL, NCHW). The host path is lean on purpose (a layer of the MNIST model computes for ~3 us on a
 GPU): the configuration is memoised on plain integers, and nothing is allocated beyond outputs and workspace.
 
-Tests and tools steer the plan through `bnfast.testing.force_plan` (it sets `PLAN_OVERRIDE` and clears the
-cache), and record launches by swapping the kernels on `kernels.batch_norm` (stages look them up there).
+Tests and tools steer the plan through `bnfast.testing.force_plan` (it sets `PLAN_OVERRIDE`, which is part of
+the memoised configuration's key), and record launches by swapping the kernels on `kernels.batch_norm` (stages
+look them up there).
 
 Imports: torch, triton, kernels.batch_norm, kernels.activations.
 """
@@ -76,9 +77,10 @@ def _num_warps(tile_elements: int) -> int:
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+def _sm_count(device_index: int) -> int:
+    """SMs of CUDA device `device_index` (`Tensor.get_device()`: an int, cheaper than a torch.device); -1 is CPU."""
+    if device_index >= 0:
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
     return CPU_SM_COUNT
 
 
@@ -185,6 +187,17 @@ def as_ncs(t: torch.Tensor, transposed_2d: bool = False) -> Ncs:
     return Ncs(t, shape[0], shape[1], S, strides[0], strides[1], ss)
 
 
+def merge_rows(*views: Ncs | None) -> tuple[Ncs | None, ...]:
+    """With stride_c == 1 and the (n, s) rows evenly spaced (stride_n == S * stride_s: channels_last, and (N, C))
+    in every given view, see each as (N*S, C, 1): one dense row axis, so a 7x7 channels_last image fills the tile
+    instead of 49 of 64 rows. M = N*S is unchanged. Returns the views unchanged when any of them does not merge
+    (a contiguous NCL y beside a channels-last x, say); None entries pass through."""
+    present = [v for v in views if v is not None]
+    if any(v.S == 1 or v.sc != 1 or v.sn != v.S * v.ss for v in present):
+        return views
+    return tuple(None if v is None else Ncs(v.t, v.N * v.S, v.C, 1, v.ss, 1, 1) for v in views)
+
+
 def new_output(x: torch.Tensor) -> torch.Tensor:
     """An output like torch's batch_norm allocates it: channels_last for a channels_last 4-D/5-D input,
     contiguous otherwise."""
@@ -204,7 +217,7 @@ def config_for(x: Ncs, widen: int, split: bool = False) -> LaunchConfig:
     override = PLAN_OVERRIDE
     if split and (override is None or override[0] != "split"):
         override = ("split", override[1] if override is not None else None)
-    return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.device), override)
+    return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.get_device()), override)
 
 
 def _stat_pair(like: torch.Tensor, C: int, dtype: torch.dtype):
@@ -392,6 +405,8 @@ def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, t
     transposed = is_transposed_2d(x)
     x3, y3 = as_ncs(x, transposed), as_ncs(y_t, transposed)
     r3 = as_ncs(residual, transposed) if residual is not None else None
+    if x3.sc == 1 and x3.S > 1:  # channels_last: one dense row axis when every tensor allows it
+        x3, y3, r3 = merge_rows(x3, y3, r3)
     cfg = config_for(x3, 2 if x.dtype == torch.float64 else 1)  # register_widening(ACC), inlined: hot path
     if not training:
         normalize(x3, y3, weight, bias, running_mean, running_var, cfg, stat_is_var=True, eps=eps,
@@ -425,6 +440,8 @@ def bn_bwd(dy, x, weight, bias, mean, stat, *, training, eps, activation, act_pa
     dx3 = as_ncs(dx_t, transposed) if dx_t is not None else None
     r3 = as_ncs(residual, transposed) if residual is not None and activation else None  # only act' reads it
     dr3 = as_ncs(dr_t, transposed) if dr_t is not None else None
+    if x3.sc == 1 and x3.S > 1:  # channels_last: one dense row axis when every tensor allows it
+        x3, dy3, dx3, r3, dr3 = merge_rows(x3, dy3, dx3, r3, dr3)
     cfg = config_for(x3, register_widening(acc_dtype(x.dtype), activation, backward=True))
     opts = dict(activation=activation, act_param=act_param, r=r3, dr=dr3)
     if cfg.plan == "single":

@@ -300,3 +300,31 @@ def test_uses_triton_under_interpreter():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the kernels run on CPU only under TRITON_INTERPRET=1")
     assert bnfast.uses_triton(torch.randn(2, 3))
+
+
+def test_inf_channel_running_mean_like_torch(kernel_path):
+    """An inf in a channel makes torch's batch mean inf (not NaN): so does bnfast's, on both plans."""
+    torch_bn, ours = make_pair(2)
+    x, dy = random_input((8, 2))
+    x[3, 0] = float("inf")
+    run_step(torch_bn, x, dy), run_step(ours, x, dy)
+    torch.testing.assert_close(ours.running_mean, torch_bn.running_mean, equal_nan=True)
+
+
+def test_momentum_none_without_counter_keeps_the_stats_like_torch():
+    """momentum=None with num_batches_tracked deleted: torch's module uses factor 0 (the stats stay), not an error."""
+    torch_bn, ours = make_pair(3, momentum=None)
+    torch_bn.num_batches_tracked, ours.num_batches_tracked = None, None
+    x, dy = random_input((6, 3))
+    compare_step(torch_bn, ours, x, dy)
+
+
+def test_meta_parameter_raises_like_torch():
+    """A meta-device weight beside a CPU input: torch's own error (get_device() is -1 for both devices)."""
+    x = torch.randn(4, 3)
+    w = torch.empty(3, device="meta")
+    with pytest.raises(Exception) as theirs:
+        torch.nn.functional.batch_norm(x, None, None, w, None, True)
+    with pytest.raises(type(theirs.value)) as ours:
+        bnfast.batch_norm(x, None, None, w, None, True)
+    assert str(ours.value) == str(theirs.value)

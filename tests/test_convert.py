@@ -117,3 +117,18 @@ def test_convert_a_bare_batchnorm():
     bn = nn.BatchNorm1d(3)
     fused = bnfast.convert(bn)
     assert type(fused) is FusedBatchNorm1d and fused.weight is bn.weight
+
+
+def test_batch_norm_with_a_backward_hook_is_not_fused():
+    """A backward hook on the BN sees dL/d(BN output); fused with the ReLU it would see dL/d(ReLU output)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU()).to(DEVICE)
+    seen = {}
+    model[1].register_full_backward_hook(lambda m, gin, gout: seen.__setitem__(len(seen), gout[0].clone()))
+    converted = bnfast.convert(copy.deepcopy(model))
+    assert isinstance(converted[2], nn.ReLU) and not converted[1].activation
+    x = torch.randn(5, 3, device=DEVICE)
+    dy = torch.arange(20.0, device=DEVICE).view(5, 4)
+    model(x).backward(dy)
+    converted(x).backward(dy)
+    torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)

@@ -87,7 +87,7 @@ def test_no_spills(report):
 
 
 def test_spills_fail_only_on_tested_stacks():
-    spill = ["sm90 _bn_bwd_kernel train float32 gelu shape 4096x256 BLOCK 8x64 warps 4: regs 255, spill 4/4 B"]
+    spill = ["sm90 _bn_grad_partial_kernel train float32 gelu shape 4096x256 BLOCK 8x64 warps 4: regs 255, spill 4/4 B"]
     assert _major_minor("2.15.0+cu130") == "2.15" and _major_minor("3.9.0") == "3.9"
     with pytest.raises(pytest.skip.Exception, match="torch 2.15 \\+ triton 3.9.*bench.kernel_report"):
         check_spills(spill, ("2.15", "3.9"))

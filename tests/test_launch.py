@@ -154,3 +154,22 @@ def test_functional_4d_5d_layouts_match_torch(layout, kernel_path):
     for name, theirs, ours, ref in zip(names, *results, strict=True):
         assert_matches_ref(ours, theirs, ref, torch.float32, name)
         assert ours.stride() == theirs.stride(), (name, ours.stride(), theirs.stride())
+
+
+def test_channels_last_rows_merge_into_one_axis():
+    """A channels_last (N, C, H, W) is launched as (N*H*W, C, 1): dense rows (7x7 = 49 fills the tile's rows instead
+    of 49 of 64 s-lanes); a channels-last (N, C, L) whose y is contiguous NCL keeps its (n, s) tiles."""
+    x = torch.empty(4, 32, 7, 7, device="meta").to(memory_format=torch.channels_last)
+    w = torch.empty(32, device="meta")
+    with bnfast.testing.record_launches() as log:
+        launch.bn_fwd(x, w, w, None, None, None, training=True, momentum=0.1, cumulative=False, eps=1e-5,
+                      activation="relu", act_param=0.0)  # fmt: skip
+    name, _, args, kwargs = log[0]
+    assert name == "_bn_fwd_single_kernel"
+    N, C, S = args[12:15]  # after its 12 pointers
+    assert (N, C, S) == (4 * 49, 32, 1) and kwargs["BLOCK_S"] == 1, (name, N, C, S, kwargs)
+    x3 = torch.empty(4, 49, 32, device="meta").transpose(1, 2)  # (N, C, L) channels-last; y will be NCL
+    with bnfast.testing.record_launches() as log:
+        launch.bn_fwd(x3, w, w, None, None, None, training=True, momentum=0.1, cumulative=False, eps=1e-5,
+                      activation="relu", act_param=0.0)  # fmt: skip
+    assert tuple(log[0][2][12:15]) == (4, 32, 49)

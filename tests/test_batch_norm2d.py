@@ -61,7 +61,7 @@ def test_output_memory_format_follows_torch(layout):
             assert a.stride() == b.stride(), f"{layout} {dims}d {name}: {a.stride()} != torch's {b.stride()}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_dtypes(dtype, layout, kernel_path):
     torch_bn, ours = make_pair(4, dims=2, dtype=dtype)
@@ -69,11 +69,12 @@ def test_dtypes(dtype, layout, kernel_path):
     compare_step(torch_bn, ours, x, dy)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_amp_layout_bf16_input_float32_module(layout):
-    """bf16 activations with float32 parameters and buffers (what autocast leaves BatchNorm with)."""
+def test_amp_layout_16bit_input_float32_module(dtype, layout):
+    """16-bit activations with float32 parameters and buffers (what autocast leaves BatchNorm with)."""
     torch_bn, ours = make_pair(4, dims=2)
-    x, dy = layout_input((3, 4, 3, 5), layout, torch.bfloat16, loc=1.0)
+    x, dy = layout_input((3, 4, 3, 5), layout, dtype, loc=1.0)
     compare_step(torch_bn, ours, x, dy)
 
 

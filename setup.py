@@ -5,7 +5,8 @@ from setuptools import setup
 setup(
     name="bnfast",
     version="0.1.0",
-    description="Fused Triton kernels for BatchNorm (+ activation): a drop-in torch.nn.BatchNorm1d",
+    description="Fused Triton kernels for BatchNorm (+ activation, + residual): drop-ins for "
+    "torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",

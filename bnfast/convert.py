@@ -21,7 +21,7 @@ from collections import Counter
 from torch import nn
 
 from .activations import activation_of_module
-from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormBase
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormBase, adopt_state
 
 _FUSED_TYPE = {nn.BatchNorm1d: FusedBatchNorm1d, nn.BatchNorm2d: FusedBatchNorm2d, nn.BatchNorm3d: FusedBatchNorm3d}
 _FUSED_TYPE.update({fused: fused for fused in list(_FUSED_TYPE.values())})
@@ -34,7 +34,6 @@ def _is_plain_bn(module: nn.Module) -> bool:
     return False
 
 
-_OWN_STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "activation")
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -43,14 +42,7 @@ def _fused_from(bn: nn.modules.batchnorm._BatchNorm, activation=None) -> FusedBa
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
         bias=bn.bias is not None if bn.affine else True, activation=activation,
     )  # fmt: skip
-    # take over the original tensors themselves: same storage, device, dtype and requires_grad
-    for name in ("weight", "bias"):
-        fused.register_parameter(name, getattr(bn, name, None))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        fused.register_buffer(name, getattr(bn, name, None))
-    # hooks (the same dicts: handles keep working), training flag, custom attributes
-    fused.__dict__.update({k: v for k, v in vars(bn).items() if k not in _OWN_STATE})
-    return fused
+    return adopt_state(fused, bn)
 
 
 def _has_hooks(module: nn.Module, kinds=_HOOKS) -> bool:

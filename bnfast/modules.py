@@ -118,6 +118,19 @@ class FusedBatchNorm3d(FusedBatchNormBase, nn.BatchNorm3d):
 _OWN_STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "activation", "process_group")
 
 
+def adopt_state(new: nn.Module, old: nn.Module) -> nn.Module:
+    """`new` (a BatchNorm built on the meta device) takes over `old`'s very tensors (weight, bias, running stats,
+    num_batches_tracked: same storage, device, dtype and requires_grad, so optimizers and DDP keep working), its
+    hooks (the same dicts: handles keep working), training flag and custom attributes. For `bnfast.convert` and
+    `FusedSyncBatchNorm.convert_sync_batchnorm`."""
+    for name in ("weight", "bias"):
+        new.register_parameter(name, getattr(old, name, None))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new.register_buffer(name, getattr(old, name, None))
+    new.__dict__.update({k: v for k, v in vars(old).items() if k not in _OWN_STATE})
+    return new
+
+
 class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
     """Drop-in :class:`torch.nn.SyncBatchNorm` (inputs (N, C, *), 2-D and up) on Triton kernels, with
     ``activation=`` as in :class:`FusedBatchNorm1d`. In training over an initialised process group of more than
@@ -169,16 +182,11 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
         BatchNorm). To also fuse BatchNorm -> activation pairs, run `bnfast.convert(model)` first."""
         converted = module
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            converted = cls(
+            converted = adopt_state(cls(
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                 process_group, device="meta", bias=module.bias is not None if module.affine else True,
                 activation=module.activation if isinstance(module, FusedBatchNormBase) else None,
-            )  # fmt: skip
-            for name in ("weight", "bias"):
-                converted.register_parameter(name, getattr(module, name, None))
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                converted.register_buffer(name, getattr(module, name, None))
-            converted.__dict__.update({k: v for k, v in vars(module).items() if k not in _OWN_STATE})
+            ), module)  # fmt: skip
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted

@@ -317,6 +317,17 @@ class DeviceTimer:
         return self.clock
 
 
+def time_on_device(benchmark, step, inputs) -> tuple[float, float]:
+    """Warm up `step` on the rotated `inputs`, then time it with pytest-benchmark on device time (see the module
+    docstring): returns (host seconds to enqueue one call, median device seconds per call)."""
+    timer = DeviceTimer(step, inputs)
+    for _ in range(3):  # warm-up: compile caches, allocator, autotuning
+        timer.timed_call()
+    host_s, device_s = timer.calibrate()
+    pedantic_device(benchmark, timer, rounds=rounds_for(device_s + 2 * host_s + 50e-6))
+    return host_s, benchmark.stats.stats.median
+
+
 def pedantic_device(benchmark, timer: DeviceTimer, rounds: int, warmup_rounds: int = WARMUP_ROUNDS):
     """benchmark.pedantic over device-timed rounds (see the module docstring)."""
     if not hasattr(benchmark, "_timer"):

@@ -77,6 +77,9 @@ EXTRA_VARIANTS = [("float16", "relu"), ("float64", "relu"), ("bfloat16", "mish")
 HEAVY_SHAPES = [(256, 1024), (4096, 256), (64, 256, 1024), (8192, 64, 128)]
 # ResNet-50's BatchNorm2d shapes at batch 256 (issue 11's benchmark cases), NCHW and channels_last
 RESNET_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
+# backward activations that once spilled a few bytes at full-size tiles
+HEAVY_BACKWARD_VARIANTS = [("float32", "gelu"), ("float32", "gelu_tanh"), ("float32", "tanh"), ("float32", "sigmoid"),
+                           ("bfloat16", "mish")]  # fmt: skip
 # 3-D shapes also run in the channels-last layout (stride_c = 1): aligned (C, L multiples of 16) and odd ones
 CHANNELS_LAST_SHAPES = [(64, 256, 1024), (8192, 64, 128), (2, 3, 7), (130, 40, 3), (4, 64, 48)]
 # matrix -> [(shapes, variants[, layouts[, plan]])] (layouts default to contiguous only; plan, if given, is the
@@ -98,30 +101,9 @@ MATRICES = {
         (HEAVY_SHAPES, [("float64", "mish")]),
         ([(32, 32)], [("float32", act) for act in SUPPORTED_ACTIVATIONS]),
         # the backward activations that once spilled a few bytes at full-size tiles (see launch.register_widening)
-        (
-            HEAVY_SHAPES + [(67, 5)],
-            [
-                ("float32", "gelu"),
-                ("float32", "gelu_tanh"),
-                ("float32", "tanh"),
-                ("float32", "sigmoid"),
-                ("bfloat16", "mish"),
-            ],
-        ),
+        (HEAVY_SHAPES + [(67, 5)], HEAVY_BACKWARD_VARIANTS),
     ],
-    "heavy": [
-        (
-            HEAVY_SHAPES + [(67, 5)],
-            [
-                ("float32", "gelu"),
-                ("float32", "gelu_tanh"),
-                ("float32", "tanh"),
-                ("float32", "sigmoid"),
-                ("bfloat16", "mish"),
-                ("float64", "mish"),
-            ],
-        )
-    ],
+    "heavy": [(HEAVY_SHAPES + [(67, 5)], HEAVY_BACKWARD_VARIANTS + [("float64", "mish")])],
     "default": [
         (BENCH_SHAPES + TEST_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS),
         (CHANNELS_LAST_SHAPES, CORE_VARIANTS, ("channels_last",)),

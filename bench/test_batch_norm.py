@@ -36,12 +36,7 @@ def test_batch_norm(benchmark, case, provider, device, copy_bandwidth):
         benchmark.pedantic(step, args=inputs[0])  # --benchmark-disable: runs the body once more, untimed
         return
 
-    timer = harness.DeviceTimer(step, inputs)
-    for _ in range(3):  # warm-up: compile caches, allocator, autotuning
-        timer.timed_call()
-    host_s, device_s = timer.calibrate()
-    harness.pedantic_device(benchmark, timer, rounds=harness.rounds_for(device_s + 2 * host_s + 50e-6))
-    median = benchmark.stats.stats.median
+    host_s, median = harness.time_on_device(benchmark, step, inputs)
     info.update(
         copies=copies,
         host_us=round(host_s * 1e6, 2),

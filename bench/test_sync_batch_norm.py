@@ -94,12 +94,7 @@ def test_sync_bn(benchmark, sync_shape, provider, device, process_group, copy_ba
         benchmark.pedantic(step, args=inputs[0])
         return
 
-    timer = harness.DeviceTimer(step, inputs)
-    for _ in range(3):
-        timer.timed_call()
-    host_s, device_s = timer.calibrate()
-    harness.pedantic_device(benchmark, timer, rounds=harness.rounds_for(device_s + 2 * host_s + 50e-6))
-    median = benchmark.stats.stats.median
+    host_s, median = harness.time_on_device(benchmark, step, inputs)
     C = case.shape[1]
     info.update(
         copies=copies,

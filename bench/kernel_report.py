@@ -104,6 +104,12 @@ MATRICES = {
         (HEAVY_SHAPES + [(67, 5)], HEAVY_BACKWARD_VARIANTS),
     ],
     "heavy": [(HEAVY_SHAPES + [(67, 5)], HEAVY_BACKWARD_VARIANTS + [("float64", "mish")])],
+    # what the benchmarks run (bench/test_batch_norm.py): the figures the GPU run reports depend on these compiling
+    # without spills and with >= 2 CTAs per SM
+    "bench": [
+        (BENCH_SHAPES, CORE_VARIANTS),
+        (RESNET_SHAPES, CORE_VARIANTS + [(d, "relu", "residual") for d in ("float32", "bfloat16")], LAYOUTS),
+    ],
     "default": [
         (BENCH_SHAPES + TEST_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS),
         (CHANNELS_LAST_SHAPES, CORE_VARIANTS, ("channels_last",)),
@@ -275,6 +281,36 @@ def access_widths(ptx: str) -> dict[str, dict[int, int]]:
     return out
 
 
+# per-SM limits of the two archs (CUDA occupancy calculator): registers, threads, CTAs, shared memory (bytes)
+SM_LIMITS = {80: dict(regs=65536, threads=2048, ctas=32, smem=167936), 90: dict(regs=65536, threads=2048, ctas=32,
+                                                                                   smem=233472)}  # fmt: skip
+MIN_CTAS_PER_SM = 2  # below this a kernel's latency is hidden by one CTA's warps alone
+# approximate instructions in compiled code (the interpreter computes in IEEE numpy): what the GPU may round
+# differently from the CPU tests
+_APPROX = re.compile(r"\b(div\.full\.f32|div\.approx\.f32|ex2\.approx(?:\.ftz)?\.f32|lg2\.approx(?:\.ftz)?\.f32|"
+                     r"rsqrt\.approx(?:\.ftz)?\.f(?:32|64)|sqrt\.approx(?:\.ftz)?\.f32|rcp\.approx(?:\.ftz)?\.f(?:32|64)|"
+                     r"tanh\.approx\.f32|sin\.approx(?:\.ftz)?\.f32|cos\.approx(?:\.ftz)?\.f32)\b")  # fmt: skip
+
+
+def ctas_per_sm(regs: int, num_warps: int, smem: int, arch: int) -> int:
+    """Resident CTAs per SM: registers are allocated per warp in units of 256, at most 64 warps (2048 threads) and 32
+    CTAs per SM, and shared memory per CTA plus 1 KiB the driver reserves."""
+    lim = SM_LIMITS[arch]
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (lim["regs"] // regs_per_warp) // num_warps
+    by_threads = lim["threads"] // (32 * num_warps)
+    by_smem = lim["smem"] // (smem + 1024) if smem else lim["ctas"]
+    return min(by_regs, by_threads, by_smem, lim["ctas"])
+
+
+def approx_instructions(ptx: str) -> dict[str, int]:
+    """{instruction: count} of the approximate arithmetic in the PTX (see _APPROX)."""
+    found = {}
+    for name in _APPROX.findall(ptx):
+        found[name] = found.get(name, 0) + 1
+    return found
+
+
 def compile_one(job):
     """Worker: compile one configuration for one arch; returns the measured properties."""
     name, args, kwargs, arch = job
@@ -303,9 +339,12 @@ def compile_one(job):
     if found["regs"] is None:
         raise RuntimeError(f"{name} sm_{arch}: no ptxas -v log captured:\n{log.getvalue()[-2000:]}")
     widths = access_widths(compiled.asm["ptx"])
+    regs, smem = int(found["regs"].group(1)), int(compiled.metadata.shared)
     return {
         **{key: int(m.group(1)) if m else 0 for key, m in found.items()},
-        "smem": int(compiled.metadata.shared),
+        "smem": smem,
+        "ctas_per_sm": ctas_per_sm(regs, kwargs.get("num_warps", 4), smem, arch),
+        "approx": approx_instructions(compiled.asm["ptx"]),
         "ld": max(widths["ld"], default=0),
         "st": max(widths["st"], default=0),
         "ld_widths": widths["ld"],
@@ -425,7 +464,7 @@ def format_brief(report) -> str:
         groups.setdefault((r["kernel"], r["dtype"], r["activation"]), []).append(r)
     head = ["kernel", "dtype", "act", "configs"]
     for arch in archs:
-        head += [f"sm{arch} regs", "max spill st/ld", "ld max", "st max", "vec128"]
+        head += [f"sm{arch} regs", "min CTAs/SM", "max spill st/ld", "ld max", "st max", "vec128"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (kernel, dtype, act), rows in groups.items():
         cells = [kernel.removeprefix("_bn_").removesuffix("_kernel"), dtype, act, str(len(rows))]
@@ -433,13 +472,14 @@ def format_brief(report) -> str:
             ms = [r[f"sm{arch}"] for r in rows]
             ok = [m for m in ms if "error" not in m]
             if not ok:
-                cells += ["COMPILE ERROR", "", "", "", ""]
+                cells += ["COMPILE ERROR", "", "", "", "", ""]
                 continue
             regs = sorted(m["regs"] for m in ok)
             spill = max(ok, key=lambda m: m["spill_stores"] + m["spill_loads"])
             vec = [vec128_ok(r, arch) for r in rows if r["expect_vec128"] and "error" not in r[f"sm{arch}"]]
             cells += [
                 f"{regs[0]}-{regs[-1]}" + (f" ({len(ms) - len(ok)} errors)" if len(ok) < len(ms) else ""),
+                str(min(m["ctas_per_sm"] for m in ok)),
                 _fmt_spill(spill),
                 f"{max(m['ld'] for m in ok)}b",
                 f"{max(m['st'] for m in ok)}b",
@@ -462,7 +502,7 @@ def format_table(report) -> str:
     archs = report["archs"]
     head = ["kernel", "mode", "dtype", "act", "example", "BLOCK N x C x S", "warps"]
     for arch in archs:
-        head += [f"sm{arch} regs", "spill", "smem", "ld", "st"]
+        head += [f"sm{arch} regs", "CTAs/SM", "spill", "smem", "ld", "st", "approx"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         blocks = "x".join(str(r[k]) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S") if r[k] is not None)
@@ -473,9 +513,10 @@ def format_table(report) -> str:
         for arch in archs:
             m = r[f"sm{arch}"]
             if "error" in m:
-                cells += ["COMPILE ERROR", "", "", "", ""]
+                cells += ["COMPILE ERROR", "", "", "", "", "", ""]
             else:
-                cells += [str(m["regs"]), _fmt_spill(m), str(m["smem"]), f"{m['ld']}b", f"{m['st']}b"]
+                cells += [str(m["regs"]), str(m["ctas_per_sm"]), _fmt_spill(m), str(m["smem"]), f"{m['ld']}b",
+                          f"{m['st']}b", " ".join(sorted(m["approx"])) or "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -492,10 +533,17 @@ def summary_lines(report) -> list[str]:
         errors = [r for r in rows if "error" in r[f"sm{arch}"]]
         spills = [r for r in rows if _spills(r[f"sm{arch}"])]
         narrow = [r for r in rows if r["expect_vec128"] and "error" not in r[f"sm{arch}"] and not vec128_ok(r, arch)]
+        low = [r for r in rows if "error" not in r[f"sm{arch}"] and r[f"sm{arch}"]["ctas_per_sm"] < MIN_CTAS_PER_SM]
+        approx = {}
+        for m in ms:
+            for name, count in m.get("approx", {}).items():
+                approx[name] = approx.get(name, 0) + count
         out.append(
             f"sm{arch}: max regs {max(m.get('regs', 0) for m in ms)}; {len(errors)} configurations fail to compile, "
-            f"{len(spills)} spill, {len(narrow)} of {sum(r['expect_vec128'] for r in rows)} expected-128-bit ones "
-            "are narrower"
+            f"{len(spills)} spill, {len(low)} below {MIN_CTAS_PER_SM} CTAs per SM (min "
+            f"{min((m['ctas_per_sm'] for m in ms if 'error' not in m), default=0)}), {len(narrow)} of "
+            f"{sum(r['expect_vec128'] for r in rows)} expected-128-bit ones are narrower; approximate instructions: "
+            + (", ".join(f"{k} x{v}" for k, v in sorted(approx.items())) or "none")
         )
         distinct = {}
         for r in errors:

@@ -60,12 +60,29 @@ GELU_TANH_COEF = tl.constexpr(0.044715)
 
 
 @triton.jit
+def _div_rn(a, b):
+    """a / b, correctly rounded in float32 (but within 2**-40 of a rounding tie) and IEEE in float64.
+
+    Compiled float32 `/` is `div.full.f32`, up to 2 ulp off; `tl.div_rn` is IEEE but ptxas compiles it with a call
+    to a slow path whose frame it counts as spilled bytes (8 bytes in the eval backward, bench.kernel_report). So:
+    the approximate reciprocal, one Newton step in float64 (relative error ~2**-44), the product in float64, one
+    rounding to float32. A zero, infinite or NaN divisor keeps the approximate reciprocal (0 -> inf, inf -> 0)."""
+    if a.dtype == tl.float32:
+        r = (1.0 / b).to(tl.float64)
+        refined = r + r * (1.0 - b.to(tl.float64) * r)
+        r = tl.where((r != 0.0) & (tl.abs(r) < float("inf")), refined, r)
+        return (a.to(tl.float64) * r).to(tl.float32)
+    else:
+        return a / b
+
+
+@triton.jit
 def _expm1(z):
     # Kahan: exact to a few ulp near 0, where exp(z) - 1 cancels.
     u = tl.exp(z)
     um1 = u - 1.0
     safe_log = tl.where((u == 1.0) | (um1 == -1.0), 1.0, tl.log(u))
-    corrected = um1 * z / safe_log
+    corrected = _div_rn(um1 * z, safe_log)
     return tl.where(u == 1.0, z, tl.where(um1 == -1.0, -1.0, tl.where(u == float("inf"), u, corrected)))
 
 
@@ -74,14 +91,14 @@ def _log1p(w):
     # Kahan: exact to a few ulp for tiny w, where log(1 + w) rounds to 0.
     u = 1.0 + w
     safe_den = tl.where(u == 1.0, 1.0, u - 1.0)
-    return tl.where(u == 1.0, w, tl.where(u == float("inf"), u, tl.log(u) * w / safe_den))
+    return tl.where(u == 1.0, w, tl.where(u == float("inf"), u, _div_rn(tl.log(u) * w, safe_den)))
 
 
 @triton.jit
 def _tanh(z):
     # tanh(z) = sign(z) * (1 - e) / (1 + e), e = exp(-2|z|) in (0, 1]: no overflow; -expm1 keeps small z exact.
     e = tl.exp(-2.0 * tl.abs(z))
-    t = -_expm1(-2.0 * tl.abs(z)) / (1.0 + e)
+    t = _div_rn(-_expm1(-2.0 * tl.abs(z)), 1.0 + e)
     return tl.where(z < 0, -t, t)
 
 

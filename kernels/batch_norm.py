@@ -52,7 +52,7 @@ Imports: triton and kernels.activations only.
 import triton
 import triton.language as tl
 
-from .activations import _act, _grad_pre_activation
+from .activations import _act, _div_rn, _grad_pre_activation
 
 # fmt: off
 # (kernel signatures group their arguments by role, one role a line: the formatter would put one a line)
@@ -60,12 +60,25 @@ from .activations import _act, _grad_pre_activation
 
 # ------------------------------------------------------------------------------------------------ jit helpers
 @triton.jit
+def _tile_offsets(n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N: tl.constexpr,
+                  BLOCK_S: tl.constexpr):  # fmt: skip
+    """Element offsets and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile whose first (n, s) is (n0, s0).
+    Every index is widened to int64 before its stride multiplies it: any one product can pass 2**31 (c * stride_c
+    of BatchNorm3d on (1, 32, 512, 512, 512); s * stride_s of a transposed (N, C) with N * C >= 2**31) although
+    each stride fits in int32, and Triton types a stride argument as int32 whenever its value does. The addresses
+    are 64-bit anyway, so the tile's registers barely change (bench.kernel_report)."""
+    n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    c = c_offs.to(tl.int64)
+    s = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
+    offs = n[:, None, None] * stride_n + c[None, :, None] * stride_c + s[None, None, :] * stride_s
+    mask = (n[:, None, None] < N) & (c_offs[None, :, None] < C) & (s[None, None, :] < S)
+    return offs, mask
+
+
+@triton.jit
 def _tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """Pointers and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile whose first (n, s) is (n0, s0)."""
-    n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: n * stride_n overflows int32 on large tensors
-    s = s0 + tl.arange(0, BLOCK_S)
-    offs = n[:, None, None] * stride_n + c_offs[None, :, None] * stride_c + s[None, None, :] * stride_s
-    mask = (n[:, None, None] < N) & (c_offs[None, :, None] < C) & (s[None, None, :] < S)
+    offs, mask = _tile_offsets(n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S)
     return ptr + offs, mask
 
 
@@ -144,9 +157,10 @@ def _rsqrt_eps(var, eps, ACC: tl.constexpr):
     """1/sqrt(var + eps) in ACC. eps arrives as float64 (the kernels' `eps: tl.float64`): a Python float
     passed plainly would be rounded to float32 and float64 inputs would lose precision."""
     v = var + tl.full([], eps, ACC)
-    # sqrt_rn: IEEE sqrt for float32 (tl.sqrt may be approximate there); float64 sqrt is always exact.
+    # sqrt_rn and _div_rn: IEEE sqrt and correctly rounded division for float32 (tl.sqrt and `/` are approximate
+    # there in compiled code); float64 sqrt and division are always IEEE.
     if ACC == tl.float32:
-        return 1.0 / tl.sqrt_rn(v)
+        return _div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(v))
     else:
         return 1.0 / tl.sqrt(v)
 
@@ -157,7 +171,9 @@ def _channel_mean(x, mask, count):
 
     A plain float32 sum drifts by a few ulps of the total, which for |mean| >> spread is several ulps of the
     mean, and every xhat inherits it. The differences x - mean0 are exact (Sterbenz) and small, so the
-    correction is accurate and the mean comes out correctly rounded, like a float64 sum would.
+    correction is accurate and the mean comes out correctly rounded, like a float64 sum would. Neither division
+    needs to be IEEE (compiled float32 `/` is up to 2 ulp off): the correction absorbs mean0's error, and its own
+    relative error is 2 ulp of a correction that is itself a few ulp of the mean.
     """
     mean0 = _channel_sum(x) / count
     refined = mean0 + _channel_sum(tl.where(mask, x - _bcast(mean0), 0.0)) / count
@@ -178,7 +194,8 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 @triton.jit
 def _load_vec(ptr, c_offs, C, stride, other, ACC: tl.constexpr):
     """A per-channel vector (weight, bias, stats) through its stride (views and expanded tensors work)."""
-    return tl.load(ptr + c_offs * stride, mask=c_offs < C, other=other).to(ACC)
+    # int64: a vector may be a view with a long stride (a column of a large matrix), (C - 1) * stride >= 2**31
+    return tl.load(ptr + c_offs.to(tl.int64) * stride, mask=c_offs < C, other=other).to(ACC)
 
 
 @triton.jit
@@ -215,17 +232,18 @@ def _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_off
     place). CUMULATIVE (momentum=None): f = 1/num_batches_tracked, read on device (no host sync), already
     incremented by the module."""
     if CUMULATIVE:
-        factor = 1.0 / tl.load(nbt_ptr).to(ACC)
+        factor = _div_rn(tl.full([], 1.0, ACC), tl.load(nbt_ptr).to(ACC))
     else:
         factor = tl.full([], momentum, ACC)
     c_mask = c_offs < C
-    rm = tl.load(rm_ptr + c_offs * stride_rm, mask=c_mask, other=0.0)
-    rv = tl.load(rv_ptr + c_offs * stride_rv, mask=c_mask, other=0.0)
-    unbiased_var = var * (M / tl.maximum(M - 1.0, 1.0))  # M >= 2 is checked on the host
+    c = c_offs.to(tl.int64)  # strided views, as in _load_vec
+    rm = tl.load(rm_ptr + c * stride_rm, mask=c_mask, other=0.0)
+    rv = tl.load(rv_ptr + c * stride_rv, mask=c_mask, other=0.0)
+    unbiased_var = var * _div_rn(M, tl.maximum(M - 1.0, 1.0))  # M >= 2 is checked on the host
     new_rm = (1.0 - factor) * rm.to(ACC) + factor * mean
     new_rv = (1.0 - factor) * rv.to(ACC) + factor * unbiased_var
-    tl.store(rm_out_ptr + c_offs * stride_rmo, new_rm.to(rm.dtype), mask=c_mask)
-    tl.store(rv_out_ptr + c_offs * stride_rvo, new_rv.to(rv.dtype), mask=c_mask)
+    tl.store(rm_out_ptr + c * stride_rmo, new_rm.to(rm.dtype), mask=c_mask)
+    tl.store(rv_out_ptr + c * stride_rvo, new_rv.to(rv.dtype), mask=c_mask)
 
 
 @triton.jit
@@ -273,7 +291,7 @@ def _merge_stats(part_ptr, shift_ptr, num_rows, stride_row, stride_plane, stride
         total += tl.sum(cnt, axis=0)
         # the means are relative to the shift: small numbers, so this weighted sum loses nothing to |mean|
         mean_rel += tl.sum(cnt * mean_k, axis=0)
-    mean_rel = mean_rel / tl.maximum(total, 1.0)
+    mean_rel = _div_rn(mean_rel, tl.maximum(total, 1.0))
     m2 = tl.zeros(c_offs.shape, ACC)
     for k0 in range(0, num_rows, BLOCK_ROWS):
         k = k0 + tl.arange(0, BLOCK_ROWS)
@@ -308,7 +326,7 @@ def _bn_fwd_single_kernel(
     M = _count(N, S, ACC)
     mean = _channel_mean(x, mask, M)  # masked lanes hold 0 and are masked out of the correction
     centered = tl.where(mask, x - _bcast(mean), 0.0)
-    var = _channel_sum(centered * centered) / M
+    var = _div_rn(_channel_sum(centered * centered), M)
     rstd = _rsqrt_eps(var, eps, ACC)
     c_mask = c_offs < C
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
@@ -334,7 +352,7 @@ def _bn_stats_partial_kernel(
     c_mask = c_offs < C
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    shift = tl.load(x_ptr + c_offs * stride_xc, mask=c_mask, other=0.0).to(ACC)  # x[0, c, 0]
+    shift = tl.load(x_ptr + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(ACC)  # x[0, c, 0]
     shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)  # NaN/inf: no shift; the channel is NaN anyway
     cnt = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
@@ -390,7 +408,7 @@ def _bn_stats_finalize_kernel(
     total, mean_rel, m2, shift = _merge_stats(part_ptr, shift_ptr, num_splits, stride_part_row, stride_part_plane,
                                               stride_shift_row, c_offs, C, ROW_SHIFTS, ACC, BLOCK_SPLITS)  # fmt: skip
     safe_total = tl.maximum(total, 1.0)  # only masked channels (c >= C) are empty: keep them finite
-    var = m2 / safe_total
+    var = _div_rn(m2, safe_total)
     mean = shift + mean_rel
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
     tl.store(rstd_ptr + c_offs, _rsqrt_eps(var, eps, ACC), mask=c_mask)
@@ -468,8 +486,10 @@ def _bn_bwd_single_kernel(
         tl.store(db_ptr + c_offs, sum_g.to(db_ptr.dtype.element_ty), mask=c_mask)
     if COMPUTE_DX:
         if TRAINING:
-            M = _count(N, S, ACC)
-            dx = _bcast(w * rstd) * (g - (_bcast(sum_g) + xhat * _bcast(sum_gx)) / M)
+            # per-channel means of g and g*xhat, then one multiply-add per element (as _bn_grad_input; an
+            # element-wise division would be `div.full.f32`, approximate, in compiled float32)
+            inv_m = _div_rn(tl.full([], 1.0, ACC), _count(N, S, ACC))
+            dx = _bcast(w * rstd) * (g - _bcast(sum_g * inv_m) - xhat * _bcast(sum_gx * inv_m))
         else:
             dx = _bcast(w * rstd) * g
         _store_tile(dx_ptr, dx, 0, 0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)

@@ -38,6 +38,10 @@ from .activations import ACTIVATIONS
 SINGLE_MAX_ELEMENTS = 4096  # a single-pass tile: <= 16 values per thread at 8 warps, no spills in the backward
 TILE_ELEMENTS = 4096  # streaming tile of the split kernels: 16 KiB of float32 per program per iteration
 MAX_BLOCK_S = 512
+# S-fast tiles: at most 2 channels, then rows of n. Each channel of a tile carries its per-channel vectors (mean,
+# rstd, weight, bias) across the tile's layout: NCHW 7x7 at (4, 16, 64) took 222-255 registers and spilled up to
+# 300 bytes on sm_90 (triton 3.6); (32, 2, 64) takes 56-109 (bench.kernel_report --matrix bench)
+MAX_BLOCK_C_S_FAST = 2
 MAX_BLOCK_C = 64  # C-fast tiles: 64 channels = 256 B of float32 per row, 16 lanes x 128 bits
 PROGRAMS_PER_SM = 4  # split until about this many programs per SM, to have enough bytes in flight
 MAX_SPLITS = 1024  # bounds the (K, C) workspace and the finalize loop
@@ -113,9 +117,11 @@ def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, ov
             tile //= 2
         block_c = min(pow2_c, MAX_BLOCK_C, max(1, tile))
         block_s = min(pow2_s, max(1, tile // block_c))
-    else:  # long axis S; a few channels per tile when S is short
+    else:  # long axis S; a few channels per tile when S is short (more rows of n instead: see MAX_BLOCK_C_S_FAST)
+        if S % 16:  # rows not 16-aligned: no vector access, a 64-bit address per value (kernel report: 130 registers
+            tile //= 2  # in the eval residual backward of NCHW 7x7 at full size, 1 CTA per SM at 8 warps)
         block_s = min(pow2_s, MAX_BLOCK_S, max(1, tile))
-        block_c = min(pow2_c, max(1, tile // (4 * block_s)))
+        block_c = min(pow2_c, max(1, tile // (4 * block_s)), MAX_BLOCK_C_S_FAST)
     block_n = max(1, min(pow2_n, tile // (block_s * block_c)))
     num_tiles = _cdiv(N, block_n) * _cdiv(S, block_s)
     c_blocks = _cdiv(C, block_c)

@@ -23,6 +23,11 @@ What is reported per configuration and arch:
 - smem: metadata.shared (bytes; the cross-warp reductions' scratch);
 - ld / st: the widest global load / store in the PTX: `ld.global.v4.b32` = 4 x 32 = 128 bits (bf16/fp16
   data travels packed in b32 lanes: 128 bits = 8 values).
+- CTAs/SM: resident CTAs per SM from registers, warps and shared memory (`ctas_per_sm`); below 2, one CTA's warps
+  alone must hide the memory latency.
+- approx: the approximate float instructions in the PTX (`ex2.approx` of tl.exp, `div.full.f32` of float32 `/`):
+  what compiled code may round differently from the interpreter. `kernels.activations._div_rn` starts from a
+  `div.full.f32` reciprocal that it refines in float64, so its divisions count here although they are exact.
 
 `expect_vec128` marks the configurations that must load and store x-sized tiles 128 bits wide: float32, a
 kernel that streams an x tile (all but the two finalize kernels), at least 4 values per thread, and for every
@@ -91,9 +96,11 @@ CHANNELS_LAST_SHAPES = [(64, 256, 1024), (8192, 64, 128), (2, 3, 7), (130, 40, 3
 MATRICES = {
     "ci": [
         (BENCH_SHAPES + TEST_SHAPES, [("float32", "relu"), ("bfloat16", "relu")]),
+        # every configuration the benchmarks run (the "bench" matrix): no spill, >= 2 CTAs per SM
+        (BENCH_SHAPES, CORE_VARIANTS),
+        (RESNET_SHAPES, CORE_VARIANTS + [(d, "relu", "residual") for d in ("float32", "bfloat16")], LAYOUTS),
         (CHANNELS_LAST_SHAPES, [("float32", "relu")], ("channels_last",)),
         # BN + add + ReLU (the fused residual) on ResNet shapes, both memory formats
-        (RESNET_SHAPES[::3], [("float32", "relu", "residual"), ("bfloat16", "relu", "residual")], LAYOUTS),
         # SyncBatchNorm's stages (forced split partials, the per-rank merge, the finalize over gathered rows)
         ([(32, 32), (8, 64, 128)], [("float32", "", "sync"), ("float64", "", "sync")]),
         # what the tests run under force_plan("split", tile_elements=64): tiny tiles, many splits
@@ -370,6 +377,17 @@ def expects_vec128(name, shape, dtype, kwargs, layout="contiguous") -> bool:
     return c_ok and (s_ok or len(shape) > 3)  # 4-D/5-D channels_last: y and dx are channels_last too
 
 
+def benchmarked(ctx) -> bool:
+    """A launch of a case the benchmarks time (bench/test_batch_norm.py): its configuration must compile without
+    spills and keep >= MIN_CTAS_PER_SM CTAs per SM."""
+    return (
+        ctx["plan"] == "auto"
+        and tuple(ctx["shape"]) in BENCH_SHAPES + RESNET_SHAPES
+        and ctx["dtype"] in ("float32", "bfloat16")
+        and ctx["activation"] in ("none", "relu", "relu+residual")
+    )
+
+
 def build_configs(matrix: str):
     """Distinct configurations: [{kernel, key, args, kwargs, context of the first launch that needed it}]."""
     configs = {}
@@ -383,6 +401,7 @@ def build_configs(matrix: str):
             configs[key].update(args=args, kwargs=kwargs, **ctx)
         c = configs[key]
         c["_vec"] = expects_vec128(name, c["shape"], c["dtype"], kwargs, c["layout"])
+        c["_bench"] = c.get("_bench", False) or benchmarked(ctx)
     return list(configs.values())
 
 
@@ -417,6 +436,7 @@ def run(matrix="ci", archs=ARCHS, jobs=None):
             "num_warps": kw.get("num_warps", 4),
             "constexprs": {k: v for k, v in kw.items() if k.isupper() and not k.startswith("BLOCK")},
             "expect_vec128": c["_vec"],
+            "benchmarked": c["_bench"],
         }
         for j, arch in enumerate(archs):
             row[f"sm{arch}"] = results[i * len(archs) + j]

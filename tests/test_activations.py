@@ -70,7 +70,11 @@ def test_elu_selu_exact_near_zero():
         ours = bnfast.batch_norm(z, torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE) - 1e-5,
                                  training=False, eps=1e-5, activation=name)  # fmt: skip
         expected = bnfast.resolve_activation(name).apply(z.double()).float()
-        torch.testing.assert_close(ours, expected, rtol=2e-7, atol=0)
+        # interpreter (numpy, IEEE): within 2e-7 (<= 2 ulp). Compiled: exp is `ex2.approx.f32` (bench.kernel_report
+        # lists it); Kahan's form corrects its error through the accurate log (libdevice), divisions are correctly
+        # rounded (_div_rn), so allow one ulp more there
+        rtol = 2e-7 if ours.device.type == "cpu" else 3.6e-7
+        torch.testing.assert_close(ours, expected, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,11 @@
 One subprocess compiles the `ci` matrix for sm_80 and sm_90 (about 80 s on 2 cores) WITHOUT TRITON_INTERPRET
 (tests/conftest.py sets it in this process, and interpreted kernels cannot be compiled); the tests read its JSON:
 - every configuration compiles (an activation constant that Triton cannot see inside a kernel fails here);
-- no configuration spills registers, on the stacks the README names as tested (TESTED_STACKS); on another
-  stack a spill skips the test with the list, which `python -m bench.kernel_report` and the benchmarks report
-  (another ptxas may spill a few bytes: triton 3.6 spills 8 bytes in two configurations of the bwd partial-sums
-  kernel, torch 2.15 + triton 3.9 is reported to spill 4 bytes in two sm_90 configurations);
+- no configuration spills registers, on the stacks the README names as tested (TESTED_STACKS: torch 2.14 + triton
+  3.8, and torch 2.11 + triton 3.6, the GPU machine's); on another stack a spill skips the test with the list,
+  which `python -m bench.kernel_report` and the benchmarks report (torch 2.15 + triton 3.9 was reported to spill 4
+  bytes in two sm_90 configurations of the kernels before 2026-12-02);
+- every configuration the benchmarks time keeps at least 2 CTAs per SM;
 - `expect_vec128` configurations (float32, contiguous, fast-axis tile extent >= 4, C resp. L a multiple of 16:
   the rule in bench/kernel_report.py's docstring) load, and store their tiles, 128 bits at a time.
 """
@@ -56,7 +57,7 @@ def test_every_configuration_compiles(report):
 
 # (torch, triton) major.minor stacks the README names as tested, on which no configuration may spill: the ones the
 # report was measured on with no spill. Triton brings its own ptxas, so the triton version decides.
-TESTED_STACKS = (("2.14", "3.8"),)
+TESTED_STACKS = (("2.14", "3.8"), ("2.11", "3.6"))
 
 
 def _major_minor(version: str) -> str:
@@ -94,6 +95,38 @@ def test_spills_fail_only_on_tested_stacks():
     with pytest.raises(AssertionError, match="1 configurations spill"):
         check_spills(spill, ("2.14", "3.8"))
     check_spills([], ("2.15", "3.9"))  # no spill: passes anywhere
+
+
+def test_benchmarked_configurations_keep_two_ctas_per_sm(report):
+    """What the benchmarks time must not run at one CTA per SM (registers, warps, shared memory: `ctas_per_sm`)."""
+    from bench.kernel_report import MIN_CTAS_PER_SM
+
+    rows = [r for r in report["rows"] if r["benchmarked"]]
+    assert len(rows) >= 50, "the ci matrix lost the benchmarked configurations"
+    low = [
+        _describe(r, a) + f", {r[f'sm{a}']['ctas_per_sm']} CTAs/SM"
+        for r in rows for a in report["archs"]
+        if "error" not in r[f"sm{a}"] and r[f"sm{a}"]["ctas_per_sm"] < MIN_CTAS_PER_SM
+    ]  # fmt: skip
+    assert not low, f"{len(low)} benchmarked configurations below {MIN_CTAS_PER_SM} CTAs per SM:\n" + "\n".join(low)
+
+
+@pytest.mark.parametrize(
+    "regs, warps, smem, arch, expected",
+    [(128, 8, 0, 90, 2), (130, 8, 0, 90, 1), (255, 4, 0, 90, 2), (32, 4, 0, 90, 16), (40, 1, 0, 90, 32),
+     (64, 8, 120000, 90, 1), (64, 8, 120000, 80, 1), (64, 8, 80000, 90, 2)],
+)  # fmt: skip
+def test_ctas_per_sm(regs, warps, smem, arch, expected):
+    from bench.kernel_report import ctas_per_sm
+
+    assert ctas_per_sm(regs, warps, smem, arch) == expected
+
+
+def test_approx_instructions_parses_ptx():
+    from bench.kernel_report import approx_instructions
+
+    ptx = "ex2.approx.f32 %f1, %f2;\n div.full.f32 %f3, %f1, %f4;\n div.rn.f32 %f5, %f1, %f4;\n ex2.approx.f32 %f6;"
+    assert approx_instructions(ptx) == {"ex2.approx.f32": 2, "div.full.f32": 1}
 
 
 def test_128_bit_accesses_on_aligned_contiguous_float32(report):

@@ -60,23 +60,26 @@ def environment() -> dict:
     return info
 
 
-def check() -> dict:
-    """Run SANITY_CASES through bnfast on CUDA; {"cases": [{id, max_err | error}], "ok": bool}."""
+def check(device="cuda", sanity_cases=None) -> dict:
+    """Run SANITY_CASES through bnfast (CUDA; on CPU under the interpreter in tests/test_bench_smoke.py with tiny
+    cases); {"cases": [{id, max_err | error}], "ok": bool}."""
     import torch
 
     from bench import harness
     from bench.cases import SANITY_CASES
 
-    device = torch.device("cuda")
+    device = torch.device(device)
+    sanity_cases = SANITY_CASES if sanity_cases is None else sanity_cases
     results = []
-    for case in SANITY_CASES:
+    for case in sanity_cases:
         entry = {"id": case.id}
         try:
             inputs = harness.make_inputs(case, device, 1)
             module = harness.build_module("bnfast", case, device)
             expected = harness.reference(case, harness.initial_state(module), *inputs[0])
             out = harness.make_step(module, case)(*inputs[0])
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             entry["max_err"] = harness.check(out, expected, case.torch_dtype)
         except AssertionError as e:  # a wrong result: keep going, the next case may tell more
             entry["error"] = f"wrong result: {e}"
@@ -87,7 +90,7 @@ def check() -> dict:
             break
         results.append(entry)
         print(f"{case.id}: " + (entry.get("error") or f"ok, max normalised error {entry['max_err']:.3g}"), flush=True)
-    ok = len(results) == len(SANITY_CASES) and all("error" not in r for r in results)
+    ok = len(results) == len(sanity_cases) and all("error" not in r for r in results)
     return {"ok": ok, "cases": results}
 
 

@@ -57,6 +57,21 @@ def test_case_matrix_matches_the_issues():
     assert set(cases.SANITY_CASES) <= set(headline)
 
 
+def test_sanity_check_runs_and_catches_a_wrong_result(monkeypatch):
+    """bench/sanity.py's check on tiny CPU cases (the kernels under the interpreter): passes on bnfast as it is, and
+    reports a case whose result is off (here: the reference's tolerance made impossible) without stopping."""
+    from bench import sanity
+
+    tiny = [cases.Case("fwd+bwd", "relu", "float32", (8, 4)), cases.Case("fwd+bwd", "relu", "bfloat16", (2, 4, 3, 5),
+                                                                          "channels_last", residual=True)]  # fmt: skip
+    result = sanity.check("cpu", tiny)
+    assert result["ok"] and [c["id"] for c in result["cases"]] == [c.id for c in tiny], result
+    monkeypatch.setitem(harness.CHECK_TOL, torch.float32, -1.0)
+    result = sanity.check("cpu", tiny)
+    assert not result["ok"] and "wrong result" in result["cases"][0]["error"] and "error" not in result["cases"][1]
+    assert sanity.environment()["commit"]
+
+
 def _fake_run(tmp_path):
     """A pytest-benchmark JSON as bench/ writes it: two BN cases x 3 providers and one MNIST group."""
     benchmarks = []
@@ -185,6 +200,28 @@ def test_synced(benchmark):
     assert benchmark.extra_info["calls_per_round"] >= 5
 
 
+class FixedTimer(harness.DeviceTimer):
+    """DeviceTimer without CUDA: every call "takes" 1 ms of device time, whatever the host spends."""
+
+    def __init__(self, step, inputs):
+        self.step, self.inputs, self.i = step, inputs, 0
+
+    def timed_call(self):
+        self.step(*self._next())
+        return 1e-3
+
+    def calibrate(self):
+        return 2e-6, 1e-3
+
+
+@pytest.mark.benchmark(timer=harness.CLOCKS["device"])
+def test_device(benchmark, monkeypatch):
+    monkeypatch.setattr(harness, "DeviceTimer", FixedTimer)
+    median = harness.run_case(benchmark, lambda x: x, [(1,)], group="g3", provider="p", timing="device")
+    assert median == pytest.approx(1e-3, rel=1e-9)  # the rounds are the timer's intervals, not host time
+    assert benchmark.extra_info["host_us"] == 2.0 and benchmark.stats.stats.rounds == harness.rounds_for(1e-3 + 54e-6)
+
+
 @pytest.mark.benchmark(timer=harness.CLOCKS["host"])
 def test_wrong_clock(benchmark):
     with pytest.raises(RuntimeError, match="timed_by"):
@@ -193,8 +230,8 @@ def test_wrong_clock(benchmark):
 
 
 def test_run_case_times_on_the_marked_clock(tmp_path):
-    """run_case on pytest-benchmark's public `timer` option (no CUDA needed for the synced clock): the rounds are
-    recorded with the marked clock, a test timed with another clock is refused."""
+    """run_case on pytest-benchmark's public `timer` option (no CUDA needed for the synced clock; the device clock fed
+    by a fixed-interval timer): the rounds are recorded with the marked clock, another clock is refused."""
     (tmp_path / "test_run_case.py").write_text(RUN_CASE_FILE)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -203,4 +240,4 @@ def test_run_case_times_on_the_marked_clock(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     timers = {b["name"]: b["options"]["timer"] for b in json.loads((tmp_path / "out.json").read_text())["benchmarks"]}
-    assert timers["test_synced"].endswith("synced_clock"), timers
+    assert timers["test_synced"].endswith("synced_clock") and timers["test_device"].endswith("device_clock"), timers

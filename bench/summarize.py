@@ -205,7 +205,8 @@ def run_info(run: dict, command: str | None, env: dict | None = None) -> list[st
     if not env and run.get("commit_info", {}).get("dirty"):
         commit += " (dirty)"
     lines = [
-        f"- device: {env.get('device') or m.get('cuda_device', 'no CUDA device')} ({m.get('sm_count', '?')} SMs, "
+        f"- device: {env.get('device') or m.get('cuda_device', 'no CUDA device')} "
+        f"({m.get('sm_count') or env.get('sms', '?')} SMs, "
         f"L2 {m.get('l2_bytes', 0) / 2**20:.0f} MiB), measured copy bandwidth {m.get('copy_GBps', '?')} GB/s "
         "(device-to-device, read + write)",
         f"- python {env.get('python') or m.get('python_version', '?')}, torch {env.get('torch') or m.get('torch', '?')}"
@@ -224,7 +225,7 @@ def checks_lines(sanity: dict | None, parity: dict | None) -> list[str]:
     """The sanity check's and the parity tests' outcome (what outranks every speed figure)."""
     lines = []
     if sanity is not None:
-        bad = [f"{c['id']}: {c['error']}" for c in sanity.get("cases", []) if "error" in c]
+        bad = [f"{c['id']}: {c['error'].splitlines()[0]}" for c in sanity.get("cases", []) if "error" in c]
         verdict = "ok" if sanity.get("ok") else "FAILED"
         passed = len(sanity.get("cases", [])) - len(bad)
         lines.append(f"- sanity (bnfast fwd+bwd vs float64 on CUDA): {verdict}, {passed} cases passed"

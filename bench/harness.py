@@ -34,7 +34,7 @@ import time
 import torch
 from torch import nn
 
-from bench.cases import DTYPES, PROVIDERS, Case, shape_id  # noqa: F401  (re-exported)
+from bench.cases import Case
 
 MOMENTUM, EPS = 0.1, 1e-5
 # max |out - ref64| / max(1, max |ref64|): a wrong formula is off by O(1); bf16 output rounding is 2**-8 relative

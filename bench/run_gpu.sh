@@ -7,7 +7,8 @@
 #     bash bench/run_gpu.sh --select @ids.txt               # node ids, one a line: bench/... timed, tests/... on CUDA
 #     bash bench/run_gpu.sh --collect-only                  # no GPU needed: list what each stage would run
 #
-# From the repo root, no pip, no network: torch, triton, numpy, pytest, pytest-benchmark (matplotlib for the plot).
+# From the repo root, no network: torch, triton, numpy, pytest, pytest-benchmark (matplotlib for the plot); a tree
+# that is not installed yet gets `pip install --no-deps --no-build-isolation -e .` first (offline).
 # Headline mode, in this order (the cases: bench/cases.py "headline" set; the tests: bench/headline_tests.txt):
 #   1. sanity    python -m bench.sanity check: bnfast fwd+bwd vs the float64 reference on CUDA, in its own process
 #                (CUDA_LAUNCH_BLOCKING=1), so that an illegal address cannot poison the stages after it
@@ -40,8 +41,8 @@
 #           rounds, graph capture, then the profiler pass) = 8 + 8 + 22                          ~ 38 s
 #   parity  6 s start + ~45 Triton configurations (20 tests, tiny shapes, both plans) x ~1 s
 #           + 1 inductor compile (~15 s)                                                         ~ 66 s
-#   summaries, nvidia-smi, environment                                                           ~ 8 s
-#   total   26 + 137 + 38 + 66 + 8                                                               ~ 275 s (<= 330 s)
+#   install (a fresh tree), summaries, nvidia-smi, environment                                   ~ 18 s
+#   total   26 + 137 + 38 + 66 + 18                                                              ~ 285 s (<= 330 s)
 #
 # Writes into $OUT if set (the device tool's output folder), else bench/results/<date>-<device>/:
 #   run.log          command, date, commit (BNFAST_COMMIT, else git), device, versions, nvidia-smi; each stage's
@@ -54,7 +55,6 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
-START=$(date +%s)
 COMMAND=""
 for v in BNFAST_COMMIT BNFAST_FULL BNFAST_GPU_BUDGET_S BENCH_ARGS; do
     [ -n "${!v:-}" ] && COMMAND+="$v=${!v} "
@@ -78,6 +78,14 @@ while [ $# -gt 0 ]; do
     shift
 done
 BUDGET=${BNFAST_GPU_BUDGET_S:-$([ $MODE = headline ] && echo 315 || echo 540)}
+
+# bnfast.kernels is the top-level kernels/ folder, mapped by setup.py: a fresh tree needs the editable install
+# (offline: no dependencies, no build isolation; ~10 s of the budget)
+START=$(date +%s)
+if ! $PY -c "import bnfast.kernels" >/dev/null 2>&1; then
+    echo "run_gpu.sh: bnfast is not installed here; pip install --no-deps --no-build-isolation -e ." >&2
+    $PY -m pip install -q --no-deps --no-build-isolation -e . >&2 || { echo "run_gpu.sh: install failed" >&2; exit 3; }
+fi
 RESERVE=10  # kept back for the final summary
 
 if [ $COLLECT = 1 ]; then

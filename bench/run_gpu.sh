@@ -154,7 +154,7 @@ stage() {  # stage NAME CAP CMD...: run with a time cap (SIGINT), log command, t
     local took=$(($(date +%s) - t0)) cut=""
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
         cut=" (CUT: time cap)"
-    elif [ $took -ge $((cap - margin)) ]; then
+    elif [[ " $* " == *" --benchmark-only "* ]] && [ $took -ge $((cap - margin)) ]; then
         cut=" (CUT: benchmarks past the deadline skipped)"
     fi
     echo "== $name: exit $rc after ${took}s$cut" | tee -a "$LOG"
@@ -208,7 +208,8 @@ case $MODE in
         ;;
     select)
         if [ "${SELECT:0:1}" = @ ]; then
-            mapfile -t ids < <(node_ids "${SELECT:1}") || exit 2
+            [ -r "${SELECT:1}" ] || { echo "run_gpu.sh: --select: cannot read ${SELECT:1}" >&2; exit 2; }
+            mapfile -t ids < <(node_ids "${SELECT:1}")
             bench_ids=() test_ids=()
             for id in "${ids[@]}"; do
                 case $id in bench/*) bench_ids+=("$id") ;; *) test_ids+=("$id") ;; esac

@@ -2,16 +2,21 @@
 
     PYTHONPATH=. pytest bench --benchmark-only --benchmark-json=out.json   # CUDA: the full matrix, timed
     PYTHONPATH=. pytest bench --benchmark-disable                           # anywhere: each body once, tiny shapes
+    PYTHONPATH=. pytest bench --benchmark-only --bench-set headline         # what bash bench/run_gpu.sh times
+
+- `--bench-set headline|rest|full` (default full; env BNFAST_BENCH_SET) picks the cases (bench/cases.py: the one
+  place run_gpu.sh and tests/test_headline.py both read); `--benchmark-disable` always runs the "smoke" set.
 
 - With CUDA: the kernels are compiled (TRITON_INTERPRET is cleared before bnfast is imported; see _use_cuda).
 - Without CUDA: TRITON_INTERPRET=1 is set before bnfast is imported, so `--benchmark-disable` runs every bench
   body once on tiny CPU shapes through Triton's interpreter (and checks every provider's output against the
   float64 reference); with benchmarks enabled, every benchmark is skipped with "CUDA device required".
-- `--benchmark-disable` also shrinks the matrix (harness.cases(smoke=True)) anywhere, CUDA included.
+- `--benchmark-disable` also shrinks the matrix (the "smoke" set) anywhere, CUDA included.
 """
 
 import os
 import sys
+import time
 
 import torch
 
@@ -35,7 +40,7 @@ HAS_CUDA = _use_cuda()
 
 import pytest  # noqa: E402
 
-from bench import harness  # noqa: E402
+from bench import cases, harness  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 SKIP_REASON = "CUDA device required"
@@ -45,33 +50,73 @@ def smoke_run(config) -> bool:
     return bool(config.getoption("benchmark_disable", False))
 
 
+def bench_set(config) -> str:
+    """The set of cases this run takes (bench/cases.py): "smoke" under --benchmark-disable, else --bench-set."""
+    return "smoke" if smoke_run(config) else config.getoption("bench_set")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--bench-set",
+        choices=[s for s in cases.SETS if s != "smoke"],
+        default=os.environ.get("BNFAST_BENCH_SET", "full"),
+        help="bnfast benchmarks: which cases (bench/cases.py; --benchmark-disable runs the smoke set)",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "host_overhead: a CPU benchmark (bnfast's host time), runs without CUDA")
 
 
-def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA or smoke_run(config):
-        return
-    skip = pytest.mark.skip(reason=SKIP_REASON)
-    for item in items:
-        if str(item.path).startswith(BENCH_DIR) and "host_overhead" not in item.keywords:
-            item.add_marker(skip)
-
-
 def pytest_generate_tests(metafunc):
+    chosen = bench_set(metafunc.config)
     if "case" in metafunc.fixturenames and "provider" in metafunc.fixturenames:
         params, ids = [], []
-        for case in harness.cases(smoke_run(metafunc.config)):
-            for provider in harness.PROVIDERS:  # innermost: a case's providers run one after another
+        for case in cases.bn_cases(chosen):
+            for provider in cases.PROVIDERS:  # innermost: a case's providers run one after another
                 params.append((case.mode, case.activation, case.dtype, case.shape, case.layout, case.residual,
                                provider))  # fmt: skip
                 ids.append(f"{case.id}-{provider}")
         metafunc.parametrize(("mode", "activation", "dtype", "shape", "layout", "residual", "provider"), params,
                              ids=ids)  # fmt: skip
     elif {"batch", "hidden", "model"} <= set(metafunc.fixturenames):
-        params = metafunc.module.params(smoke_run(metafunc.config))
-        ids = [f"batch{b}-hidden{h}-{m}" for b, h, m in params]
-        metafunc.parametrize(("batch", "hidden", "model"), params, ids=ids)
+        params = cases.mnist_params(chosen)
+        metafunc.parametrize(("batch", "hidden", "model"), params, ids=[cases.mnist_id(*p) for p in params])
+    elif "sync_shape" in metafunc.fixturenames:
+        metafunc.parametrize("sync_shape", cases.sync_shapes(chosen), ids=cases.shape_id)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without CUDA the GPU benchmarks skip (unless --benchmark-disable). The set decides which files take part:
+    the host-overhead benchmark (CPU by design) and SyncBatchNorm are not in the headline (bench/cases.py)."""
+    chosen = bench_set(config)
+    skip_cuda = pytest.mark.skip(reason=SKIP_REASON)
+    keep, drop = [], []
+    for item in items:
+        if not str(item.path).startswith(BENCH_DIR):
+            keep.append(item)
+            continue
+        host = "host_overhead" in item.keywords
+        if (host and not cases.host_overhead_runs(chosen)) or (
+            "sync_shape" in getattr(item, "fixturenames", ()) and not cases.sync_shapes(chosen)
+        ):
+            drop.append(item)
+            continue
+        if not (HAS_CUDA or smoke_run(config) or host):
+            item.add_marker(skip_cuda)
+        keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_runtest_setup(item):
+    """BNFAST_BENCH_DEADLINE (epoch seconds; bash bench/run_gpu.sh sets it a margin before a stage's time cap): past
+    it, the remaining benchmarks skip, so the stage ends by itself and pytest-benchmark writes its JSON (the cap's
+    SIGINT is the backstop)."""
+    deadline = os.environ.get("BNFAST_BENCH_DEADLINE")
+    if deadline and str(item.path).startswith(BENCH_DIR) and time.time() > float(deadline):
+        pytest.skip("this stage's time budget is spent (BNFAST_BENCH_DEADLINE)")
 
 
 @pytest.fixture

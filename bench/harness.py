@@ -1,9 +1,11 @@
-"""Shared machinery of the benchmarks: the case matrix, the three providers, device timing, checks, ratios.
+"""Shared machinery of the benchmarks: the providers, device timing, checks, ratios, and `run_case`, the one runner
+(check / smoke / time / record) every benchmark file calls. The shapes and cases are in bench/cases.py.
 
 Timing (CUDA), and why it is fed to pytest-benchmark this way. pytest-benchmark times each round with a host
 timer, but a GPU call returns before the GPU has run it. So each round is one call bracketed by CUDA events,
-and the fixture's timer is swapped for `cuda_event_clock`, a clock that advances only by the measured event
-interval: every round pytest-benchmark records is the device time of one call, and its JSON, its stats
+and the benchmark's timer is `device_clock`, a clock that advances only by the measured event interval (set
+with pytest-benchmark's public `timer` option of the benchmark marker: `pytestmark = harness.timed_by("device")`):
+every round pytest-benchmark records is the device time of one call, and its JSON, its stats
 (min/median/IQR/outliers) and `pytest-benchmark compare` work on device times.
 - Before each call the GPU is kept busy by `torch.cuda._sleep` for longer than the host takes to enqueue the
   call (measured per provider after warm-up), so the start event fires right before the call's first kernel:
@@ -22,8 +24,8 @@ other provider of the same case has run, so the ratios always come from one run.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import itertools
 import math
 import os
 import statistics
@@ -32,72 +34,14 @@ import time
 import torch
 from torch import nn
 
-from bench.traffic import MODES, min_bytes, standalone_bytes
+from bench.cases import Case
 
-BENCH_SHAPES = [(32, 32), (256, 1024), (4096, 256), (16384, 1024), (65536, 512), (262144, 64), (64, 256, 1024),
-                (8192, 64, 128)]  # fmt: skip
-SMOKE_SHAPES = [(8, 4), (2, 4, 5)]  # --benchmark-disable: tiny (N, C) and (N, C, L), run once under the interpreter
-RESNET_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
-SMOKE_2D_SHAPES = [(2, 4, 3, 5)]
-LAYOUTS = ("contiguous", "channels_last")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ACTIVATIONS = ("relu", "none")
-PROVIDERS = ("bnfast", "eager", "compile")
 MOMENTUM, EPS = 0.1, 1e-5
 # max |out - ref64| / max(1, max |ref64|): a wrong formula is off by O(1); bf16 output rounding is 2**-8 relative
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 ROUND_BUDGET_S = float(os.environ.get("BNFAST_BENCH_ROUND_BUDGET_S", "0.2"))  # device time per benchmark, roughly
 MIN_ROUNDS, MAX_ROUNDS, WARMUP_ROUNDS = 10, 200, 3
 MAX_COPIES, MAX_COPY_BYTES = 64, 4 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    mode: str  # one of traffic.MODES
-    activation: str  # "none" or a bnfast activation name
-    dtype: str  # key of DTYPES
-    shape: tuple
-    layout: str = "contiguous"  # or "channels_last" (4-D/5-D)
-    residual: bool = False  # act(BN(x) + residual): the ResNet block tail
-
-    @property
-    def id(self) -> str:
-        extra = ("-channels_last" if self.layout == "channels_last" else "") + ("-add" if self.residual else "")
-        return f"{self.mode}-{self.activation}-{self.dtype}-{shape_id(self.shape)}{extra}"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def min_bytes(self) -> int:
-        size = torch.empty((), dtype=self.torch_dtype).element_size()
-        return min_bytes(self.mode, self.shape, size, residual=self.residual)
-
-    def standalone_bytes(self) -> int:
-        size = torch.empty((), dtype=self.torch_dtype).element_size()
-        return standalone_bytes(self.mode, self.shape, size, residual=self.residual)
-
-
-def shape_id(shape) -> str:
-    return "x".join(map(str, shape))
-
-
-def cases(smoke: bool) -> list[Case]:
-    """The matrix: every mode x activation x dtype x shape, the headline cases first (fwd+bwd, float32, relu), so
-    a run cut short still has them. The smoke run (--benchmark-disable) is the same matrix on SMOKE_SHAPES."""
-    modes = ("fwd+bwd", "fwd-train", "fwd-eval")
-    assert sorted(modes) == sorted(MODES)
-    shapes = SMOKE_SHAPES if smoke else BENCH_SHAPES
-    cases_1d = [Case(m, a, d, s) for m in modes for d in DTYPES for a in ACTIVATIONS for s in shapes]
-    return cases_1d + cases_2d(smoke)
-
-
-def cases_2d(smoke: bool) -> list[Case]:
-    """BatchNorm2d on ResNet-50's BN shapes at batch 256: fwd+bwd of BN + ReLU and BN + add + ReLU, float32 and
-    bfloat16, NCHW and channels_last (after the 1-D matrix: a run cut short keeps the headline cases)."""
-    shapes = SMOKE_2D_SHAPES if smoke else RESNET_SHAPES
-    return [Case("fwd+bwd", "relu", d, s, layout, residual) for residual in (False, True) for layout in LAYOUTS
-            for d in DTYPES for s in shapes]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- providers
@@ -221,6 +165,34 @@ def check(outputs, expected, dtype) -> float:
     return worst
 
 
+# -------------------------------------------------------------------------------------------------------- clocks
+class _DeviceClock:
+    seconds = 0.0  # advanced by DeviceTimer.round: the sum of the timed calls' CUDA-event intervals
+
+
+def device_clock() -> float:
+    """pytest-benchmark's timer for device-timed benchmarks (see the module docstring)."""
+    return _DeviceClock.seconds
+
+
+def synced_clock() -> float:
+    """Wall clock, read once the device has run everything queued (CUDA); plain perf_counter otherwise."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+CLOCKS = {"device": device_clock, "synced": synced_clock, "host": time.perf_counter}
+
+
+def timed_by(timing: str):
+    """The benchmark marker a test module carries (`pytestmark = harness.timed_by("device")`): pytest-benchmark's
+    public `timer` option, so the fixture reads `CLOCKS[timing]` for every round."""
+    import pytest
+
+    return pytest.mark.benchmark(timer=CLOCKS[timing])
+
+
 # --------------------------------------------------------------------------------------------------- CUDA timing
 @functools.cache
 def _sleep_cycles_per_us() -> float:
@@ -262,7 +234,7 @@ def copy_bandwidth(device_index: int = 0) -> float:
 def rotation_copies(case: Case, device) -> int:
     """Copies such that between two uses of one copy the others move more than 2x L2 (see module docstring)."""
     per_call = case.min_bytes()
-    input_bytes = math.prod(case.shape) * torch.empty((), dtype=case.torch_dtype).element_size()
+    input_bytes = case.numel * case.element_size
     input_bytes *= (2 if case.mode == "fwd+bwd" else 1) + case.residual  # x, dy, residual
     copies = math.ceil(2 * l2_bytes(device) / per_call) + 1
     return max(1, min(copies, MAX_COPIES, MAX_COPY_BYTES // max(1, input_bytes)))
@@ -273,7 +245,6 @@ class DeviceTimer:
 
     def __init__(self, step, inputs):
         self.step, self.inputs, self.i = step, inputs, 0
-        self.clock = 0.0
         self.gate_cycles = 0
         self.start = torch.cuda.Event(enable_timing=True)
         self.end = torch.cuda.Event(enable_timing=True)
@@ -311,33 +282,85 @@ class DeviceTimer:
         return self.start.elapsed_time(self.end) / 1e3
 
     def round(self):
-        self.clock += self.timed_call()
-
-    def cuda_event_clock(self) -> float:
-        return self.clock
-
-
-def time_on_device(benchmark, step, inputs) -> tuple[float, float]:
-    """Warm up `step` on the rotated `inputs`, then time it with pytest-benchmark on device time (see the module
-    docstring): returns (host seconds to enqueue one call, median device seconds per call)."""
-    timer = DeviceTimer(step, inputs)
-    for _ in range(3):  # warm-up: compile caches, allocator, autotuning
-        timer.timed_call()
-    host_s, device_s = timer.calibrate()
-    pedantic_device(benchmark, timer, rounds=rounds_for(device_s + 2 * host_s + 50e-6))
-    return host_s, benchmark.stats.stats.median
-
-
-def pedantic_device(benchmark, timer: DeviceTimer, rounds: int, warmup_rounds: int = WARMUP_ROUNDS):
-    """benchmark.pedantic over device-timed rounds (see the module docstring)."""
-    if not hasattr(benchmark, "_timer"):
-        raise RuntimeError("pytest-benchmark changed: BenchmarkFixture._timer is gone; update bench.harness")
-    benchmark._timer = timer.cuda_event_clock
-    benchmark.pedantic(timer.round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+        """pytest-benchmark's target: one timed call; `device_clock` advances by its device time."""
+        _DeviceClock.seconds += self.timed_call()
 
 
 def rounds_for(seconds_per_round: float) -> int:
     return max(MIN_ROUNDS, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(seconds_per_round, 1e-6))))
+
+
+# ------------------------------------------------------------------------------------------------------ run_case
+SYNCED_ROUND_S, SYNCED_BUDGET_S = 0.1, 1.0  # "synced": wall time of one round (k calls) and of all rounds, roughly
+HOST_ROUNDS, HOST_ITERATIONS, HOST_WARMUP_ROUNDS = 200, 10, 5
+
+
+def run_case(benchmark, step, inputs, *, group: str, provider: str, timing: str, check=None, baselines=()):
+    """Check, smoke, time and record one benchmark (every file in bench/ runs through here):
+
+    1. check: the first call, `step(*inputs[0])` (which also compiles), goes to `check(outputs)`, which raises on
+       a wrong result and returns a dict for extra_info (max_err, launches, ...);
+    2. smoke (`--benchmark-disable`): one more call through benchmark.pedantic, untimed; returns None;
+    3. time, by `timing`, on the clock the test's marker names (`timed_by(timing)`; checked here):
+       "device": one call per round bracketed by CUDA events, inputs rotated (DeviceTimer; module docstring);
+       "synced": k calls per round back to back as a training loop runs them, the clock read after a device sync
+                 (pytest-benchmark's iterations=k: stats per call); k from a 10-call estimate, ~SYNCED_ROUND_S per
+                 round, ~SYNCED_BUDGET_S in all;
+       "host": the host's time only (CPU benchmarks): HOST_ROUNDS rounds of HOST_ITERATIONS calls;
+    4. record: the median into SESSION[group][provider]; extra_info gets median_us (host_us: "device"), and
+       speedup_vs_<b> for each provider b of `baselines` that has run in this session.
+    Returns the median seconds per call (pytest-benchmark's own statistic of the recorded rounds).
+    """
+    if timing not in CLOCKS:
+        raise ValueError(f"timing must be one of {tuple(CLOCKS)}, got {timing!r}")
+    benchmark.group = group
+    info = benchmark.extra_info
+    info["provider"] = provider
+    first = step(*inputs[0])
+    if check is not None:
+        info.update(check(first) or {})
+    if benchmark.disabled:
+        benchmark.pedantic(step, args=inputs[0])  # --benchmark-disable: the body once more, untimed
+        return None
+
+    if timing == "device":
+        timer = DeviceTimer(step, inputs)
+        for _ in range(3):  # warm-up: compile caches, allocator, autotuning
+            timer.timed_call()
+        host_s, device_s = timer.calibrate()
+        rounds = rounds_for(device_s + 2 * host_s + 50e-6)
+        benchmark.pedantic(timer.round, rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+        info["host_us"] = round(host_s * 1e6, 2)
+    elif timing == "synced":
+        calls = itertools.count()
+
+        def one_call():
+            step(*inputs[next(calls) % len(inputs)])
+
+        for _ in range(5):  # warm-up: JIT, cuBLAS, allocator
+            one_call()
+        start = synced_clock()
+        for _ in range(10):
+            one_call()
+        per_call = (synced_clock() - start) / 10
+        k = max(5, min(500, int(SYNCED_ROUND_S / per_call)))
+        rounds = max(5, min(30, int(SYNCED_BUDGET_S / (k * per_call))))
+        benchmark.pedantic(one_call, rounds=rounds, iterations=k, warmup_rounds=1)
+        info["calls_per_round"] = k
+    else:
+        args = inputs[0]
+        benchmark.pedantic(step, args=args, rounds=HOST_ROUNDS, iterations=HOST_ITERATIONS,
+                           warmup_rounds=HOST_WARMUP_ROUNDS)  # fmt: skip
+    # `benchmark.stats` (the Metadata pytest-benchmark writes to its JSON) is the one non-underscore attribute that
+    # holds the recorded rounds and the options they were timed with; pytest-benchmark has no other accessor
+    used = benchmark.stats.options.get("timer")
+    if timing != "host" and used is not CLOCKS[timing]:
+        raise RuntimeError(f"{benchmark.fullname} was timed with {used!r}, not {timing!r}'s clock: mark its module "
+                           f"with `pytestmark = harness.timed_by({timing!r})`")  # fmt: skip
+    median = benchmark.stats.stats.median
+    info["median_us"] = round(median * 1e6, 3)
+    record(group, provider, median, info, baselines)
+    return median
 
 
 # ------------------------------------------------------------------------------------------------ session ratios

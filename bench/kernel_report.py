@@ -59,34 +59,32 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.cases import (
+    BENCH_SHAPES,
+    CHANNELS_LAST_SHAPES,
+    HEAVY_SHAPES,
+    LAYOUTS,
+    RESNET_SHAPES,
+    SYNC_REPORT_SHAPES,
+    TEST_SHAPES,
+    TYPICAL_SHAPES,
+)
 from bnfast.activations import SUPPORTED_ACTIVATIONS
 
 SM_COUNTS = (108, 132)  # A100, H100/H200
 ARCHS = (80, 90)
 
-# the benchmark shapes (issue 4), the tests' shapes (tests/parity.py), and typical (N, C) / (N, C, L) uses
-LAYOUTS = ("contiguous", "channels_last")
-BENCH_SHAPES = [(32, 32), (256, 1024), (4096, 256), (16384, 1024), (65536, 512), (262144, 64), (64, 256, 1024),
-                (8192, 64, 128)]  # fmt: skip
-TEST_SHAPES = [(2, 3), (32, 32), (67, 5), (2, 3, 7), (1, 8, 300), (130, 40, 3)]
-TYPICAL_SHAPES = [(n, c) for n in (16, 128, 1024, 8192) for c in (10, 64, 512, 4096)] + [
-    (4, 16, 50), (4, 16, 4096), (32, 128, 256), (8, 3, 1000), (256, 32, 16), (2, 512, 64),
-]  # fmt: skip
+# the shapes (bench/cases.py, their one home): the benchmark shapes, the tests' shapes (tests/parity.py), typical
+# (N, C) / (N, C, L) uses, where registers peak, ResNet-50's BatchNorm2d shapes at batch 256 (NCHW and
+# channels_last), 3-D channels-last ones, SyncBatchNorm's
 # (dtype, activation name; "" = none)
 CORE_VARIANTS = [("float32", ""), ("float32", "relu"), ("bfloat16", ""), ("bfloat16", "relu")]  # benchmarked
 EXTRA_VARIANTS = [("float16", "relu"), ("float64", "relu"), ("bfloat16", "mish"), ("float64", "mish")] + [
     ("float32", act) for act in SUPPORTED_ACTIVATIONS if act != "relu"
 ]
-# the largest tile per thread of each plan and layout (single-pass (N, C); split (N, C) and (N, C, L)): where
-# registers peak
-HEAVY_SHAPES = [(256, 1024), (4096, 256), (64, 256, 1024), (8192, 64, 128)]
-# ResNet-50's BatchNorm2d shapes at batch 256 (issue 11's benchmark cases), NCHW and channels_last
-RESNET_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
 # backward activations that once spilled a few bytes at full-size tiles
 HEAVY_BACKWARD_VARIANTS = [("float32", "gelu"), ("float32", "gelu_tanh"), ("float32", "tanh"), ("float32", "sigmoid"),
                            ("bfloat16", "mish")]  # fmt: skip
-# 3-D shapes also run in the channels-last layout (stride_c = 1): aligned (C, L multiples of 16) and odd ones
-CHANNELS_LAST_SHAPES = [(64, 256, 1024), (8192, 64, 128), (2, 3, 7), (130, 40, 3), (4, 64, 48)]
 # matrix -> [(shapes, variants[, layouts[, plan]])] (layouts default to contiguous only; plan, if given, is the
 # `bnfast.testing.force_plan` arguments the block is recorded under); a configuration is compiled once however many
 # blocks reach it.
@@ -102,7 +100,7 @@ MATRICES = {
         (CHANNELS_LAST_SHAPES, [("float32", "relu")], ("channels_last",)),
         # BN + add + ReLU (the fused residual) on ResNet shapes, both memory formats
         # SyncBatchNorm's stages (forced split partials, the per-rank merge, the finalize over gathered rows)
-        ([(32, 32), (8, 64, 128)], [("float32", "", "sync"), ("float64", "", "sync")]),
+        (SYNC_REPORT_SHAPES, [("float32", "", "sync"), ("float64", "", "sync")]),
         # what the tests run under force_plan("split", tile_elements=64): tiny tiles, many splits
         (TEST_SHAPES, [("float32", "relu")], LAYOUTS, ("split", 64)),
         (HEAVY_SHAPES, [("float64", "mish")]),

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 import bnfast
+from bench import harness
+from bench.cases import HOST_OVERHEAD_SHAPE as SHAPE  # the MNIST layer
 from bnfast import ops
 
-SHAPE = (32, 32)  # the MNIST layer
 PROVIDERS = ("bnfast", "op-entry", "function-entry", "autograd-floor", "torch")
+BASELINES = ("torch", "autograd-floor")  # speedup_vs_torch, speedup_vs_autograd-floor in extra_info
 
 
 class _AllocateOnly(torch.autograd.Function):
@@ -89,16 +91,24 @@ def _step(provider, mode, device):
 def test_host_overhead(benchmark, provider, mode):
     if not bnfast.uses_triton(torch.empty(0, device=_device())):
         pytest.skip("bnfast routes these tensors to torch (no CUDA, no TRITON_INTERPRET=1): nothing to time")
-    benchmark.group = f"host time per {mode}, {SHAPE[0]}x{SHAPE[1]} (launches recorded, not run)"
     benchmark.extra_info.update(provider=provider, mode=mode, shape=list(SHAPE))
+    group = f"host time per {mode}, {SHAPE[0]}x{SHAPE[1]} (launches recorded, not run)"
     step = _step(provider, mode, _device())
     if provider in ("torch", "autograd-floor"):  # yardsticks: no bnfast launch to record
-        benchmark.pedantic(step, rounds=200 if not benchmark.disabled else 1, iterations=10, warmup_rounds=5)
+        harness.run_case(benchmark, step, [()], group=group, provider=provider, timing="host", baselines=BASELINES)
         return
+    expected = 1 if mode == "fwd" else 2  # (32, 32) is single-pass: one launch each way
     with bnfast.testing.record_launches() as log:
-        step()
-        launches = len(log)
-        benchmark.pedantic(lambda: (step(), log.clear()), rounds=200 if not benchmark.disabled else 1,
-                           iterations=10, warmup_rounds=5)  # fmt: skip
-    benchmark.extra_info["launches"] = launches
-    assert launches == (1 if mode == "fwd" else 2)  # (32, 32) is single-pass: one launch each way
+
+        def call():
+            step()
+            launches = len(log)
+            log.clear()
+            return launches
+
+        def check(launches):
+            assert launches == expected, f"{launches} launches, expected {expected}"
+            return {"launches": launches}
+
+        harness.run_case(benchmark, call, [()], group=group, provider=provider, timing="host", check=check,
+                         baselines=BASELINES)  # fmt: skip

@@ -5,21 +5,20 @@ mnist_compare.py), at (batch, hidden) = (32, 32) (the reference), batch 256 and 
 both regimes show: launch-bound (tiny tensors: the cost is host overhead x kernel count) and bandwidth-bound.
 
 Models: "no-BN", "torch-BN" (nn.BatchNorm1d + nn.ReLU) and "bnfast" (`bnfast.convert` of the torch-BN model:
-BN + ReLU fused into one kernel per pass); and "torch-BN+graph" / "bnfast+graph": the same step captured once in
-a CUDA graph (static input buffers, Adam(capturable=True)) and replayed, so the host launches one graph per step
-instead of every kernel. Data: random batches already on the device (what the example does with MNIST),
+BN + ReLU fused into one kernel per pass); and "no-BN+graph" / "torch-BN+graph" / "bnfast+graph": the same step
+captured once in a CUDA graph (static input buffers, Adam(capturable=True)) and replayed, so the host launches one
+graph per step instead of every kernel. Data: random batches already on the device (what the example does with MNIST),
 rotated over 8 batches; the graph steps copy each batch into their static buffers, inside the timed step.
 
-Timing: wall clock per step with the host pipelining steps as a training loop does. Each round runs `k` steps
-back to back; the fixture's timer synchronizes the device before reading the clock, so a round is k complete
-steps (pytest-benchmark's `iterations=k`: its stats are per step).
+Timing (bench/harness.py run_case, "synced"): wall clock per step with the host pipelining steps as a training
+loop does. Each round runs `k` steps back to back; the benchmark's timer (`harness.synced_clock`) synchronizes the
+device before reading the clock, so a round is k complete steps (pytest-benchmark's `iterations=k`: its stats are
+per step). The profiler pass that counts launches runs after the timing, so CUPTI never runs during it.
+Configurations and models: bench/cases.py (MNIST_CONFIGS; the headline set takes MNIST_HEADLINE_CONFIGS).
 extra_info: gpu_ops_per_step (kernels + memsets + memcpys the GPU ran in one step, from torch.profiler),
 host_launches_per_step (launch API calls the host made: kernels, memset/memcpy, graph launches), and
-speedup_vs_torch-BN / speedup_vs_no-BN (this session's medians).
+speedup_vs_torch-BN / speedup_vs_no-BN / speedup_vs_no-BN+graph (this session's medians).
 """
-
-import itertools
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +26,8 @@ from torch import nn
 
 from bench import harness
 
-CONFIGS = [(32, 32), (256, 32), (1024, 32), (32, 1024), (256, 1024), (1024, 1024)]  # (batch, hidden)
-SMOKE_CONFIGS = [(8, 8)]
-MODELS = ("no-BN", "torch-BN", "bnfast", "torch-BN+graph", "bnfast+graph")
 BATCHES = 8
-STEP_BUDGET_S = 0.1  # wall time of one round, roughly
+pytestmark = harness.timed_by("synced")
 HOST_LAUNCH_PREFIXES = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cudaMemcpy", "cudaMemset", "cuMemcpy",
                         "cuMemset")  # fmt: skip
 
@@ -40,7 +36,7 @@ def build_mlp(hidden: int, model: str, device) -> nn.Sequential:
     import bnfast
 
     torch.manual_seed(0)
-    bn = model != "no-BN"
+    bn = not model.startswith("no-BN")
     layers, width = [], 28 * 28
     for _ in range(2):
         layers += [nn.Linear(width, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else []) + [nn.ReLU()]
@@ -104,50 +100,22 @@ def count_launches(step, batches) -> dict:
     return {"gpu_ops_per_step": gpu_ops, "host_launches_per_step": host}
 
 
-def _synced_perf_counter():
-    torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def params(smoke: bool):
-    """(batch, hidden, model), models innermost (side by side); bench/conftest.py parametrizes with these."""
-    configs = SMOKE_CONFIGS if smoke else CONFIGS
-    return [(b, h, m) for b, h in configs for m in MODELS]
-
-
 def test_mnist_step(benchmark, batch, hidden, model, device):
-    benchmark.group = f"mnist step batch={batch} hidden={hidden}"
     info = benchmark.extra_info
     info.update(batch=batch, hidden=hidden, model=model)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.rand(batch, 28 * 28, generator=gen, device=device),
                 torch.randint(0, 10, (batch,), generator=gen, device=device)) for _ in range(BATCHES)]  # fmt: skip
     step, mlp = make_step(model, hidden, device, batches)
-    if benchmark.disabled:  # smoke run: one step (CPU: bnfast through the interpreter), checked for sanity
-        before = [p.detach().clone() for p in mlp.parameters()]
-        loss = benchmark.pedantic(step, args=batches[0])
-        assert torch.isfinite(loss).item()
+    before = [p.detach().clone() for p in mlp.parameters()]
+
+    def check(loss):  # the first step: a finite loss, and Adam moved the parameters
+        assert torch.isfinite(loss).item(), f"loss {loss.item()}"
         assert any(not torch.equal(a, p) for a, p in zip(before, mlp.parameters(), strict=True)), "Adam did not update"
-        return
+        return {"first_loss": round(loss.item(), 4)}
 
-    for i in range(5):  # warm-up: JIT, cuBLAS, allocator
-        step(*batches[i % BATCHES])
-    info.update(count_launches(step, batches))
-    start = _synced_perf_counter()
-    for i in range(10):
-        step(*batches[i % BATCHES])
-    per_step = (_synced_perf_counter() - start) / 10
-    k = max(5, min(500, int(STEP_BUDGET_S / per_step)))
-    rounds = max(5, min(30, int(1.0 / (k * per_step))))
-    counter = itertools.count()
-
-    def one_step():
-        step(*batches[next(counter) % BATCHES])
-
-    if not hasattr(benchmark, "_timer"):
-        raise RuntimeError("pytest-benchmark changed: BenchmarkFixture._timer is gone; update bench")
-    benchmark._timer = _synced_perf_counter  # a round = k pipelined steps, ended by a device sync
-    benchmark.pedantic(one_step, rounds=rounds, iterations=k, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    info.update(steps_per_round=k, median_us=round(median * 1e6, 2))
-    harness.record(benchmark.group, model, median, info, baselines=("torch-BN", "no-BN"))
+    median = harness.run_case(benchmark, step, batches, group=f"mnist step batch={batch} hidden={hidden}",
+                              provider=model, timing="synced", check=check,
+                              baselines=("torch-BN", "no-BN", "no-BN+graph"))  # fmt: skip
+    if median is not None:
+        info.update(count_launches(step, batches))  # after the timing: the profiler never overlaps it

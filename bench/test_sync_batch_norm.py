@@ -23,16 +23,9 @@ import torch.distributed as dist
 from torch import nn
 
 from bench import harness
-from bench.conftest import smoke_run
 
-SYNC_SHAPES = [(32, 32), (4096, 256), (16384, 1024), (64, 256, 1024)]
 PROVIDERS = ("bnfast-sync", "bnfast", "torch-sync")
-
-
-def pytest_generate_tests(metafunc):
-    if "sync_shape" in metafunc.fixturenames:
-        shapes = harness.SMOKE_SHAPES if smoke_run(metafunc.config) else SYNC_SHAPES
-        metafunc.parametrize("sync_shape", shapes, ids=harness.shape_id)
+pytestmark = harness.timed_by("device")  # shapes: bench/cases.py SYNC_SHAPES (parametrized in bench/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -75,34 +68,30 @@ def _module(provider, case, device, group):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_sync_bn(benchmark, sync_shape, provider, device, process_group, copy_bandwidth):
     case = harness.Case("fwd+bwd", "none", "float32", tuple(sync_shape))
-    benchmark.group = f"sync {case.id}"
     info = benchmark.extra_info
     # no "mode" key: bench/summarize.py's BatchNorm tables (bnfast vs eager vs compile) take results that have one
     info.update(sync_case=case.id, shape=list(case.shape), provider=provider, min_bytes=case.min_bytes(),
                 world_size=1)  # fmt: skip
     if provider == "torch-sync" and device.type != "cuda":
         pytest.skip("torch's SyncBatchNorm kernels (batch_norm_stats, ...) are CUDA-only")
-    smoke = benchmark.disabled
-    copies = 1 if smoke else harness.rotation_copies(case, device)
+    copies = 1 if benchmark.disabled else harness.rotation_copies(case, device)
     inputs = harness.make_inputs(case, device, copies)
     module = _module(provider, case, device, process_group)
-    step = harness.make_step(module, case)
-
     expected = harness.reference(case, harness.initial_state(module), *inputs[0])
-    info["max_err"] = harness.check(step(*inputs[0]), expected, case.torch_dtype)
-    if smoke:
-        benchmark.pedantic(step, args=inputs[0])
-        return
 
-    host_s, median = harness.time_on_device(benchmark, step, inputs)
+    def check(outputs):
+        return {"max_err": harness.check(outputs, expected, case.torch_dtype)}
+
+    median = harness.run_case(benchmark, harness.make_step(module, case), inputs, group=f"sync {case.id}",
+                              provider=provider, timing="device", check=check,
+                              baselines=("torch-sync", "bnfast"))  # fmt: skip
+    if median is None:
+        return
     C = case.shape[1]
     info.update(
         copies=copies,
-        host_us=round(host_s * 1e6, 2),
-        median_us=round(median * 1e6, 3),
         GBps=round(case.min_bytes() / median / 1e9, 3),
         copy_GBps=round(copy_bandwidth / 1e9, 1),
         bytes_all_gather={"bnfast-sync": 16 * C, "torch-sync": 8 * C + 4}.get(provider, 0),
         bytes_all_reduce=8 * C if provider != "bnfast" else 0,
     )
-    harness.record(f"sync {case.id}", provider, median, info, baselines=("torch-sync", "bnfast"))

@@ -197,7 +197,20 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
             if affine and not bias:
                 self.register_parameter("bias", None)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(SyncBN(input) + residual); `residual` (optional: what `bnfast.fuse` passes to a FusedBatchNorm2d
+        converted by `convert_sync_batchnorm` afterwards) is added by torch, before the activation: the synced
+        stages take none."""
+        leaf = _fx_leaf(self, input, residual)
+        if leaf is not None:
+            return leaf
+        if residual is not None:
+            if not isinstance(residual, torch.fx.Proxy) and not isinstance(input, torch.fx.Proxy):
+                torch.broadcast_shapes(input.shape, residual.shape)  # torch's error, before any state changes
+            return self.activation.apply(self._sync_batch_norm(input, Activation("")) + residual)
+        return self._sync_batch_norm(input, self.activation)
+
+    def _sync_batch_norm(self, input: torch.Tensor, activation: Activation) -> torch.Tensor:
         count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
@@ -211,7 +224,7 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
             bn_training,
             self.momentum,
             self.eps,
-            self.activation,
+            activation,
             self.num_batches_tracked,
             count_batch,
             self.process_group,

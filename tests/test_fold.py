@@ -24,6 +24,13 @@ def mnist_mlp():
     )  # fmt: skip
 
 
+def bn_without_bias(num_features):
+    """nn.BatchNorm1d without bias on every supported torch (the `bias=` keyword is newer than torch 2.11)."""
+    bn = nn.BatchNorm1d(num_features)
+    bn.register_parameter("bias", None)
+    return bn
+
+
 def deep_mlp():
     """Deeper, with the corners: no Linear bias, BN without affine or without bias, momentum=None, nested
     Sequentials, an activation with a parameter, and a BN that follows no Linear (left in place)."""
@@ -32,7 +39,7 @@ def deep_mlp():
         nn.Linear(16, 24), nn.BatchNorm1d(24, momentum=None), nn.LeakyReLU(0.2),
         nn.Sequential(nn.Linear(24, 24, bias=False), nn.BatchNorm1d(24), nn.GELU()),
         nn.Linear(24, 20), nn.BatchNorm1d(20, affine=False), nn.SiLU(),
-        nn.Sequential(nn.Linear(20, 20), nn.BatchNorm1d(20, bias=False), nn.ELU(0.5)),
+        nn.Sequential(nn.Linear(20, 20), bn_without_bias(20), nn.ELU(0.5)),
         nn.Linear(20, 12), nn.BatchNorm1d(12), nn.Tanh(),
         nn.Linear(12, 5),
     )  # fmt: skip

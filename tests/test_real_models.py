@@ -137,7 +137,12 @@ def case(request):
     converted = bnfast.convert(copy.deepcopy(original), trace=True)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     cotangent = torch.randn(2, 10, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():  # the eval outputs every test compares with
+        EVAL[request.param] = (original.eval()(x), ref64.eval()(x.double()))
     return request.param, original, ref64, converted, x, cotangent
+
+
+EVAL = {}  # name: (torch float32 eval output, float64 eval output), set by the fixture
 
 
 def test_traced_and_kernels_run_in_every_batch_norm(case):
@@ -210,7 +215,7 @@ def test_eval_channels_last(case):
     x_cl = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         y = ours(x_cl)
-        assert_near(y, original.eval()(x), ref64.eval()(x.double()), "eval, channels_last")
+        assert_near(y, *EVAL[name], "eval, channels_last")
 
 
 def test_state_dict_both_ways(case):
@@ -243,13 +248,13 @@ def test_sync_batch_norm_converters_keep_the_function(case, converter, fused):
     if fused or converter == "bnfast":  # bnfast's modules and timm's norm-act layers become FusedSyncBatchNorm
         assert any(type(m) is bnfast.FusedSyncBatchNorm for m in synced.modules())
     with torch.no_grad():
-        assert_near(synced(x), original.eval()(x), ref64.eval()(x.double()), f"{converter} SyncBatchNorm converter")
+        assert_near(synced(x), *EVAL[name], f"{converter} SyncBatchNorm converter")
 
 
 def test_fold(case):
     name, original, ref64, converted, x, _ = case
     with torch.no_grad():
-        expected, exact = original.eval()(x), ref64.eval()(x.double())
+        expected, exact = EVAL[name]
         for model in (original, converted):
             folded = bnfast.fold(model.eval())
             left = {p for p, m in folded.named_modules() if isinstance(m, BN_TYPES)}

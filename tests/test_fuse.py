@@ -278,3 +278,43 @@ def test_fold_convolutions(dtype):
     with pytest.raises(ValueError, match="training mode"):
         bnfast.fold(model.train())
 
+
+
+# ---- timm's norm-act layers ----------------------------------------------------------------------------------------
+
+
+def test_timm_norm_act_layers_convert_only_when_the_tail_fuses():
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    torch.manual_seed(0)
+    hooked = norm_act.BatchNormAct2d(4, act_layer=nn.ReLU)
+    hooked.act.register_forward_hook(lambda m, a, y: None)
+    layers = {
+        "leaky": norm_act.BatchNormAct2d(4, act_layer=nn.LeakyReLU, act_kwargs={"negative_slope": 0.3}),
+        "no act": norm_act.BatchNormAct2d(4, apply_act=False),
+        "dropout": norm_act.BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=nn.Dropout),
+        "hardswish": norm_act.BatchNormAct2d(4, act_layer=nn.Hardswish),
+        "hooked act": hooked,
+        "sync": norm_act.SyncBatchNormAct(4, process_group=None),
+    }
+    layers["sync"].act, layers["sync"].drop = nn.SiLU(), nn.Identity()
+    model = _randomized(nn.ModuleDict(layers)).eval()
+    converted = bnfast.convert(copy.deepcopy(model))
+    kinds = {k: (type(m).__name__, repr(getattr(m, "activation", None))) for k, m in converted.items()}
+    assert kinds == {
+        "leaky": ("FusedBatchNorm2d", "leaky_relu(0.3)"), "no act": ("FusedBatchNorm2d", "None"),
+        "dropout": ("BatchNormAct2d", "None"), "hardswish": ("BatchNormAct2d", "None"),
+        "hooked act": ("BatchNormAct2d", "None"), "sync": ("FusedSyncBatchNorm", "'silu'"),
+    }  # fmt: skip
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    for key, layer in model.items():
+        assert sorted(converted[key].state_dict()) == sorted(layer.state_dict()), key
+        torch.testing.assert_close(converted[key](x), layer(x), **F32, msg=key)
+
+
+def test_import_loads_neither_timm_nor_torchvision():
+    import subprocess
+    import sys
+
+    code = "import sys, bnfast; assert not {'timm', 'torchvision'} & set(sys.modules), sorted(sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -22,9 +22,10 @@ other operand may have any shape: where it is not the input's shape and dtype (b
 module computes `act(BN(x) + residual)` unfused, at run time. FusedSyncBatchNorm takes pairs only.
 
 The result is a `torch.fx.GraphModule` with the model's class name, its parameters and buffers (the same
-objects), the same state_dict keys, following train()/eval() (the BatchNorms are leaves). The BN at each fused
-path is a new bnfast module taking over the old one's tensors; the model passed in keeps its own (unfused)
-modules. Python attributes of the model that are not modules, parameters or buffers are not part of a
+objects), the same state_dict keys (listed in the order the forward uses the modules), following train()/eval()
+(the BatchNorms are leaves). The model passed in is converted module by module in place, as by `convert`; the
+fusion by tracing lives in the GraphModule only: the BN at each fused path there is a new bnfast module taking
+over the same tensors. Python attributes of the model that are not modules, parameters or buffers are not part of a
 GraphModule (as with any fx trace). Where fx cannot trace the model (data-dependent control flow, ...) `fuse`
 warns, names the error and returns the module-level `convert(model)`.
 

@@ -11,7 +11,8 @@ from .activations import SUPPORTED_ACTIVATIONS, resolve_activation
 from .convert import convert
 from .fold import fold
 from .functional import batch_norm, uses_triton
-from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedSyncBatchNorm
+from .fuse import FusionReport, fuse
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedFrozenBatchNorm2d, FusedSyncBatchNorm
 from .recalibrate import recalibrate
 
 guards.install()  # torch's BatchNorm converters refuse a fused activation instead of dropping it
@@ -22,10 +23,13 @@ __all__ = [
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
+    "FusedFrozenBatchNorm2d",
     "FusedSyncBatchNorm",
+    "FusionReport",
     "batch_norm",
     "convert",
     "fold",
+    "fuse",
     "recalibrate",
     "resolve_activation",
     "testing",

@@ -1,19 +1,31 @@
 """`convert(model)`: adopt bnfast in an existing model with one call.
 
-Every `nn.BatchNorm1d`/`2d`/`3d` becomes a `FusedBatchNorm1d`/`2d`/`3d` that takes over the very same Parameter
-and buffer objects (so an optimizer built before the call keeps working, and outputs are unchanged). Inside an
-`nn.Sequential`, a BatchNorm directly followed by a supported activation module is fused with it: the BN slot holds
-`FusedBatchNorm1d(activation=...)` and the activation's slot becomes `nn.Identity()`, so indices and
-state_dict keys stay valid. Only the Sequential's slot changes: an activation object reused elsewhere (the
+Module by module (always):
+- every `nn.BatchNorm1d`/`2d`/`3d` becomes a `FusedBatchNorm1d`/`2d`/`3d`;
+- timm's norm-act layers (`BatchNormAct2d`, `SyncBatchNormAct`, `FrozenBatchNormAct2d`: a BatchNorm whose forward
+  also runs `self.drop` then `self.act`) become `FusedBatchNorm2d` / `FusedSyncBatchNorm` /
+  `FusedFrozenBatchNorm2d` with that activation fused, when `drop` is the identity and `act` is one bnfast fuses
+  (or the identity), neither with hooks; otherwise they stay as they are;
+- torchvision's `FrozenBatchNorm2d` (timm uses the same class) becomes `FusedFrozenBatchNorm2d` (one eval kernel).
+The new module takes over the very same Parameter and buffer objects (so an optimizer built before the call
+keeps working, and outputs are unchanged). Exact types only: any other BatchNorm subclass (its forward may do
+more) is left alone. timm and torchvision are never imported: their classes are looked up in `sys.modules`, so
+a model holding them has already loaded them.
+
+Inside an `nn.Sequential`, a BatchNorm directly followed by a supported activation module is fused with it: the
+BN slot holds `FusedBatchNorm1d(activation=...)` and the activation's slot becomes `nn.Identity()`, so indices
+and state_dict keys stay valid. Only the Sequential's slot changes: an activation object reused elsewhere (the
 seeds' MLP uses one `relu` twice) keeps working there. A BatchNorm that appears in several places is
-converted once and shared, but not fused (its successors may differ).
+converted once and shared, but not fused (its successors may differ). `convert(model, trace=True)` also fuses
+what the forward writes out (`relu(bn(x) + identity)`): bnfast/fuse.py.
 
 The new module keeps everything else the old one carried: forward (pre-)hooks, backward hooks, state_dict
 hooks (the very dicts, so existing handles still remove them) and custom attributes. A pair is not fused when
 either module has hooks that would observe the difference (any hook on the activation; forward or backward hooks
 on the BatchNorm: they would see the activation's output or its gradient), so every hook sees the same values.
+(A timm norm-act layer's own hooks already see the activation's output: they move with it.)
 
-Imports: torch, bnfast.activations, bnfast.modules.
+Imports: torch, bnfast.activations, bnfast.known, bnfast.modules (bnfast.fuse lazily, for trace=True).
 """
 
 from collections import Counter
@@ -21,7 +33,16 @@ from collections import Counter
 from torch import nn
 
 from .activations import activation_of_module
-from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormBase, adopt_state
+from .known import has_hooks, norm_act_activation, timm_norm_act_types, torchvision_frozen_type
+from .modules import (
+    FusedBatchNorm1d,
+    FusedBatchNorm2d,
+    FusedBatchNorm3d,
+    FusedBatchNormBase,
+    FusedFrozenBatchNorm2d,
+    FusedSyncBatchNorm,
+    adopt_state,
+)
 
 _FUSED_TYPE = {nn.BatchNorm1d: FusedBatchNorm1d, nn.BatchNorm2d: FusedBatchNorm2d, nn.BatchNorm3d: FusedBatchNorm3d}
 _FUSED_TYPE.update({fused: fused for fused in list(_FUSED_TYPE.values())})
@@ -34,9 +55,6 @@ def _is_plain_bn(module: nn.Module) -> bool:
     return False
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
 def _fused_from(bn: nn.modules.batchnorm._BatchNorm, activation=None) -> FusedBatchNormBase:
     fused = _FUSED_TYPE[type(bn)](
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
@@ -45,39 +63,86 @@ def _fused_from(bn: nn.modules.batchnorm._BatchNorm, activation=None) -> FusedBa
     return adopt_state(fused, bn)
 
 
-def _has_hooks(module: nn.Module, kinds=_HOOKS) -> bool:
-    return any(getattr(module, kind, None) for kind in kinds)
+def _frozen_from(frozen: nn.Module, activation=None) -> FusedFrozenBatchNorm2d | None:
+    buffers = [frozen._buffers.get(name) for name in ("weight", "bias", "running_mean", "running_var")]
+    if any(t is None or t.dim() != 1 or t.shape != buffers[0].shape or t.dtype != buffers[0].dtype for t in buffers):
+        return None
+    if not isinstance(frozen.eps, (float, int)):
+        return None
+    new = FusedFrozenBatchNorm2d(buffers[0].shape[0], frozen.eps, activation=activation, device="meta")
+    return adopt_state(new, frozen)
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Replace nn.BatchNorm1d/2d/3d by FusedBatchNorm1d/2d/3d in place, fusing BN -> activation pairs in
-    nn.Sequential; returns `model`.
+def fused_replacement(module: nn.Module) -> nn.Module | None:
+    """The bnfast module that computes what `module` computes, taking over its tensors and hooks; None when
+    bnfast does not know `module`'s type (it stays as it is)."""
+    if _is_plain_bn(module):
+        return _fused_from(module)
+    kind = type(module)
+    if kind is torchvision_frozen_type():
+        return _frozen_from(module)
+    timm = timm_norm_act_types()
+    if kind not in timm.values():
+        return None
+    activation = norm_act_activation(module)
+    if activation is None:
+        return None
+    if kind is timm.get("FrozenBatchNormAct2d"):
+        return _frozen_from(module, activation)
+    if kind is timm.get("SyncBatchNormAct"):
+        new = FusedSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            module.process_group, device="meta", bias=module.bias is not None if module.affine else True,
+            activation=activation,
+        )  # fmt: skip
+        return adopt_state(new, module)
+    return adopt_state(FusedBatchNorm2d(
+        module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, device="meta",
+        bias=module.bias is not None if module.affine else True, activation=activation,
+    ), module)  # fmt: skip
 
-    Use `convert(copy.deepcopy(model))` to keep the original.
+
+def _fusable_with_next(new: nn.Module) -> bool:
+    return isinstance(new, (FusedBatchNormBase, FusedFrozenBatchNorm2d)) and not new.activation
+
+
+def convert(model: nn.Module, *, trace: bool = False) -> nn.Module:
+    """Replace every BatchNorm bnfast knows (see the module docstring) by its bnfast module in place, fusing
+    BN -> activation pairs in nn.Sequential; returns `model`.
+
+    With `trace=True`, then traces the model with torch.fx and also fuses BN -> activation and
+    BN -> add -> activation wherever the forward writes them (bnfast/fuse.py): returns the traced
+    `torch.fx.GraphModule` (or `model`, with a warning, where fx cannot trace it); either carries the
+    `bnfast_report` of what was fused. Use `convert(copy.deepcopy(model))` to keep the original.
     """
-    if _is_plain_bn(model):
-        return _fused_from(model)
-    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    converted: dict[int, FusedBatchNormBase] = {}
+    if trace:
+        from .fuse import fuse
 
-    def plain(bn):
-        if id(bn) not in converted:
-            converted[id(bn)] = _fused_from(bn)
-        return converted[id(bn)]
+        return fuse(model)
+    own = fused_replacement(model)
+    if own is not None:
+        return own
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    converted: dict[int, nn.Module | None] = {}
+
+    def replacement(module):
+        if id(module) not in converted:
+            converted[id(module)] = fused_replacement(module)
+        return converted[id(module)]
 
     for parent in list(model.modules()):
         names = list(parent._modules)
         for i, name in enumerate(names):
             child = parent._modules[name]
-            if child is None or not _is_plain_bn(child):
+            new = replacement(child) if child is not None else None
+            if new is None:
                 continue
             following = parent._modules[names[i + 1]] if i + 1 < len(names) else None
             activation = activation_of_module(following) if following is not None else None
             # a BN's forward hooks would see the activation's output, its backward hooks the activation's grad
-            fusable = activation is not None and not _has_hooks(following) and not _has_hooks(child)
-            if isinstance(parent, nn.Sequential) and fusable and uses[id(child)] == 1:
-                parent._modules[name] = _fused_from(child, activation)
+            fusable = activation is not None and not has_hooks(following) and not has_hooks(child)
+            if isinstance(parent, nn.Sequential) and fusable and uses[id(child)] == 1 and _fusable_with_next(new):
+                new.activation = activation  # not shared (used once): fusing changes no other slot
                 parent._modules[names[i + 1]] = nn.Identity()
-            else:
-                parent._modules[name] = plain(child)
+            parent._modules[name] = new
     return model

@@ -13,21 +13,25 @@ followed by an activation module also keeps the BN output (or the activation's o
 activation's backward; bnfast recomputes it from x in the backward kernel instead, so a BN + activation layer
 keeps one (N, C, L) tensor where torch keeps two.
 
-torch.fx: `batch_norm_impl` (`sync_batch_norm_impl`) is an fx leaf (`torch.fx.wrap`), so `symbolic_trace`
+torch.fx: inside a traced model each bnfast module is a leaf, as torch's BatchNorm is (`_fx_leaf`: one
+call_module node), so the traced model follows train()/eval() like torch's; traced on its own (the module is the
+root), `batch_norm_impl` (`sync_batch_norm_impl`) is an fx leaf (`torch.fx.wrap`), so `symbolic_trace`
 records one call instead of tracing into the checks. torch.jit.script cannot compile Triton launches: scripting
 raises a clear error.
 
-Imports: torch, bnfast.activations, bnfast.functional, bnfast.distributed.
+Imports: torch, bnfast.activations, bnfast.functional, bnfast.distributed, bnfast.known.
 """
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
 
-from .activations import resolve_activation
+from .activations import Activation, resolve_activation
 from .distributed import sync_batch_norm_impl
 from .functional import batch_norm_impl
+from .known import norm_act_activation, timm_norm_act_types
 
 torch.fx.wrap("batch_norm_impl")
 torch.fx.wrap("sync_batch_norm_impl")
@@ -65,8 +69,18 @@ class FusedBatchNormBase:
         )
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """act(BN(input) + residual): `residual` (optional, the input's shape, any strides) is added before the
-        activation, in the same passes, and receives the gradient dy * act'(z) (a ResNet block's tail)."""
+        """act(BN(input) + residual): `residual` (optional; the input's shape, dtype and device, any strides) is
+        added before the activation, in the same passes, and receives the gradient dy * act'(z) (a ResNet block's
+        tail). Any other residual torch's expression accepts (broadcast, another dtype) gets that expression,
+        computed unfused; one it rejects gets its error, before any state changes."""
+        leaf = _fx_leaf(self, input, residual)
+        if leaf is not None:
+            return leaf
+        if _residual_needs_torch(input, residual):
+            return self.activation.apply(self._batch_norm(input, None, Activation("")) + residual)
+        return self._batch_norm(input, residual, self.activation)
+
+    def _batch_norm(self, input: torch.Tensor, residual, activation: Activation) -> torch.Tensor:
         # the input-dim check (torch's message) runs inside batch_norm_impl: `input.dim()` would be an fx Proxy
         # here, and symbolic_trace cannot branch on one
         training, running_mean, running_var = self.training, self.running_mean, self.running_var
@@ -83,12 +97,38 @@ class FusedBatchNormBase:
             bn_training,
             self.momentum,
             self.eps,
-            self.activation,
+            activation,
             nbt,
             count_batch,
             self._INPUT_DIMS,
             residual,
         )
+
+
+def _fx_leaf(module: nn.Module, input, residual=None):
+    """Under torch.fx tracing of a model that holds `module` (its input is a Proxy): one call_module node, as
+    torch's BatchNorm gets from every tracer, so the traced model reads `training` when it runs (it follows
+    train()/eval()) instead of freezing the mode it was traced in. None otherwise, and when `module` is the
+    traced root itself (a GraphModule cannot call itself: then `batch_norm_impl` is the leaf)."""
+    if not isinstance(input, torch.fx.Proxy):
+        return None
+    tracer = input.tracer
+    if module is getattr(tracer, "root", None):
+        return None
+    args = (input,) if residual is None else (input, residual)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
+def _residual_needs_torch(input, residual) -> bool:
+    """A residual that is not of the input's shape, dtype and device (broadcast, promoted): the fused add would
+    refuse it, torch's `act(BN(x) + residual)` accepts it. A tracing fusion (bnfast.fuse) cannot see shapes, so
+    the module computes that expression itself then: the same function whatever the residual."""
+    if residual is None or isinstance(residual, torch.fx.Proxy) or isinstance(input, torch.fx.Proxy):
+        return False
+    if (residual.shape, residual.dtype, residual.device) == (input.shape, input.dtype, input.device):
+        return False
+    torch.broadcast_shapes(input.shape, residual.shape)  # torch's RuntimeError, before any state changes
+    return True
 
 
 class FusedBatchNorm1d(FusedBatchNormBase, nn.BatchNorm1d):
@@ -124,9 +164,13 @@ def adopt_state(new: nn.Module, old: nn.Module) -> nn.Module:
     hooks (the same dicts: handles keep working), training flag and custom attributes. For `bnfast.convert` and
     `FusedSyncBatchNorm.convert_sync_batchnorm`."""
     for name in ("weight", "bias"):
-        new.register_parameter(name, getattr(old, name, None))
+        if name in old._buffers:  # a frozen BatchNorm's weight and bias are buffers
+            new.register_buffer(name, old._buffers[name], persistent=name not in old._non_persistent_buffers_set)
+        else:
+            new.register_parameter(name, getattr(old, name, None))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        new.register_buffer(name, getattr(old, name, None))
+        if name in old._buffers or not isinstance(new, FusedFrozenBatchNorm2d):
+            new.register_buffer(name, getattr(old, name, None))
     new.__dict__.update({k: v for k, v in vars(old).items() if k not in _OWN_STATE})
     return new
 
@@ -153,7 +197,20 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
             if affine and not bias:
                 self.register_parameter("bias", None)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(SyncBN(input) + residual); `residual` (optional: what `bnfast.fuse` passes to a FusedBatchNorm2d
+        converted by `convert_sync_batchnorm` afterwards) is added by torch, before the activation: the synced
+        stages take none."""
+        leaf = _fx_leaf(self, input, residual)
+        if leaf is not None:
+            return leaf
+        if residual is not None:
+            if not isinstance(residual, torch.fx.Proxy) and not isinstance(input, torch.fx.Proxy):
+                torch.broadcast_shapes(input.shape, residual.shape)  # torch's error, before any state changes
+            return self.activation.apply(self._sync_batch_norm(input, Activation("")) + residual)
+        return self._sync_batch_norm(input, self.activation)
+
+    def _sync_batch_norm(self, input: torch.Tensor, activation: Activation) -> torch.Tensor:
         count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
@@ -167,7 +224,7 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
             bn_training,
             self.momentum,
             self.eps,
-            self.activation,
+            activation,
             self.num_batches_tracked,
             count_batch,
             self.process_group,
@@ -175,18 +232,97 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Every BatchNorm in `module` (torch's BatchNorm1d/2d/3d and SyncBatchNorm, bnfast's modules: any
-        `_BatchNorm`, as torch's converter) becomes a FusedSyncBatchNorm over `process_group`, taking over the
-        very same Parameter and buffer objects, a bnfast module's fused activation, and hooks, training flag and
-        custom attributes (as `bnfast.convert`). Returns the converted module (a new one if `module` itself is a
-        BatchNorm). To also fuse BatchNorm -> activation pairs, run `bnfast.convert(model)` first."""
+        """Every BatchNorm in `module` that bnfast knows becomes a FusedSyncBatchNorm over `process_group`,
+        taking over the very same Parameter and buffer objects, hooks, training flag and custom attributes (as
+        `bnfast.convert`), and the activation it applies: torch's BatchNorm1d/2d/3d and SyncBatchNorm, bnfast's
+        modules (their fused activation), timm's BatchNormAct2d and SyncBatchNormAct when their activation is
+        one bnfast fuses and their `drop` the identity (`known.norm_act_activation`). Any other BatchNorm
+        (another subclass: its forward may do more) is left as it is, with a warning: it is not synchronised.
+        Returns the converted module (a new one if `module` itself is a BatchNorm). To also fuse
+        BatchNorm -> activation pairs, run `bnfast.convert(model)` first."""
         converted = module
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            converted = adopt_state(cls(
-                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                process_group, device="meta", bias=module.bias is not None if module.affine else True,
-                activation=module.activation if isinstance(module, FusedBatchNormBase) else None,
-            ), module)  # fmt: skip
+            activation = _sync_activation(module)
+            if activation is None:
+                warnings.warn(
+                    f"bnfast: convert_sync_batchnorm leaves {type(module).__name__} as it is (not synchronised): "
+                    "bnfast does not know what its forward computes",
+                    stacklevel=2,
+                )
+            else:
+                converted = adopt_state(cls(
+                    module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                    process_group, device="meta", bias=module.bias is not None if module.affine else True,
+                    activation=activation,
+                ), module)  # fmt: skip
+                if type(module) in timm_norm_act_types().values():
+                    return converted  # its act and drop are fused: they are not children of the new module
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
+
+_SYNC_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _sync_activation(module: nn.Module) -> Activation | None:
+    """The activation a BatchNorm applies, for convert_sync_batchnorm; None for a type bnfast does not know."""
+    kind = type(module)
+    if kind in _SYNC_CONVERTIBLE:
+        return Activation("")
+    if kind in (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedSyncBatchNorm):
+        return module.activation
+    timm = timm_norm_act_types()
+    if kind in (timm.get("BatchNormAct2d"), timm.get("SyncBatchNormAct")):
+        return norm_act_activation(module)
+    return None
+
+
+class FusedFrozenBatchNorm2d(nn.Module):
+    """:class:`torchvision.ops.FrozenBatchNorm2d` (detection backbones; timm's ``FrozenBatchNormAct2d`` with
+    ``activation=``) on the fused eval kernel: ``act(x * scale + shift (+ residual))`` in one pass, with
+    ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale`` from its buffers,
+    in train() and eval() alike. Same buffers as torchvision's (weight, bias, running_mean, running_var: buffers,
+    none of them trained) and state_dict keys; a ``num_batches_tracked`` entry is dropped on load, as there.
+
+    Where torch's formula does something else than the kernel would, the forward is torch's formula itself:
+    an input whose dtype differs from the buffers' (the product promotes: a float16 input with float32 buffers
+    gives a float32 output) or that is not 4-D (the (1, C, 1, 1) buffers broadcast).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, activation=None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.activation = resolve_activation(activation)
+        factory = dict(device=device, dtype=dtype)
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, activation={self.activation!r}"
+
+    def __prepare_scriptable__(self):
+        return FusedBatchNormBase.__prepare_scriptable__(self)
+
+    def torch_forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """torchvision's formula (in the buffers' dtype), then the residual and the activation: the reference."""
+        shape = (1, -1, 1, 1)
+        scale = self.weight.reshape(shape) * (self.running_var.reshape(shape) + self.eps).rsqrt()
+        z = input * scale + (self.bias.reshape(shape) - self.running_mean.reshape(shape) * scale)
+        return self.activation.apply(z if residual is None else z + residual)
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        leaf = _fx_leaf(self, input, residual)
+        if leaf is not None:
+            return leaf
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        if (isinstance(input, torch.fx.Proxy) or input.dim() != 4 or _residual_needs_torch(input, residual)
+                or any(t.dtype != input.dtype for t in buffers)):  # fmt: skip
+            return self.torch_forward(input, residual)
+        return batch_norm_impl(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                               self.eps, self.activation, None, False, (4,), residual)  # fmt: skip

@@ -359,5 +359,9 @@ def test_convert_sync_batchnorm_keeps_activation_tensors_hooks_and_attributes():
     assert calls == [1]
     single = FusedSyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(3, affine=False, momentum=None))
     assert type(single) is FusedSyncBatchNorm and single.weight is None and single.momentum is None
-    with pytest.raises(TypeError, match="FusedSyncBatchNorm.convert_sync_batchnorm"):
-        nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(FusedSyncBatchNorm(3, activation="relu")))
+    # torch's own converter, which existing DDP scripts call, does the same for bnfast's modules
+    fused = FusedBatchNorm1d(3, activation="relu")
+    by_torch = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(fused, nn.BatchNorm1d(3)), process_group="g2")
+    assert type(by_torch[0]) is FusedSyncBatchNorm and by_torch[0].activation.name == "relu"
+    assert by_torch[0].weight is fused.weight and by_torch[0].process_group == "g2"
+    assert type(by_torch[1]) is nn.SyncBatchNorm  # torch's modules: torch's answer

@@ -24,9 +24,9 @@ def mnist_mlp():
     )  # fmt: skip
 
 
-def bn_without_bias(C):
-    """nn.BatchNorm1d(C, bias=False) on every supported torch: the keyword is newer than torch 2.11."""
-    bn = nn.BatchNorm1d(C)
+def bn_without_bias(num_features):
+    """nn.BatchNorm1d without bias on every supported torch (the `bias=` keyword is newer than torch 2.11)."""
+    bn = nn.BatchNorm1d(num_features)
     bn.register_parameter("bias", None)
     return bn
 

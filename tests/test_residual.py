@@ -104,13 +104,24 @@ def test_gradcheck_and_gradgradcheck(activation, training):
     assert torch.autograd.gradgradcheck(fn, (x, r, weight, bias), fast_mode=True)
 
 
-def test_residual_must_match_the_input():
+def test_module_residual_of_another_shape_or_dtype_is_torchs_expression():
+    """The module (what a tracing fusion calls without seeing shapes) computes act(BN(x) + residual) for any
+    residual that expression accepts, and raises its error, before any state change, for one it rejects."""
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4, device=DEVICE)
-    bn = bnfast.FusedBatchNorm2d(3, device=DEVICE)
-    with pytest.raises(ValueError, match=r"residual must have the input's shape"):
+    bn = bnfast.FusedBatchNorm2d(3, device=DEVICE, activation="relu")
+    ref = nn.BatchNorm2d(3, device=DEVICE)
+    for residual in (torch.randn(3, 1, 1, device=DEVICE), torch.randn(2, 3, 4, 4, device=DEVICE, dtype=torch.float64)):
+        y, expected = bn(x, residual), torch.relu(ref(x) + residual)
+        assert y.dtype == expected.dtype
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    stats = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    with pytest.raises(RuntimeError):
+        torch.relu(ref(x) + torch.randn(2, 3, 4, 5, device=DEVICE))
+    with pytest.raises(RuntimeError):
         bn(x, torch.randn(2, 3, 4, 5, device=DEVICE))
-    with pytest.raises(ValueError, match=r"residual must have the input's shape, dtype"):
-        bn(x, torch.randn(2, 3, 4, 4, device=DEVICE, dtype=torch.float64))
+    for t, before in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), stats, strict=True):
+        assert torch.equal(t, before)
 
 
 class Block(nn.Module):

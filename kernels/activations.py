@@ -45,8 +45,9 @@ ACTIVATIONS = {
     "sigmoid": ActivationInfo("Sigmoid", heavy_backward=True),
     "tanh": ActivationInfo("Tanh", heavy_backward=True),
     "mish": ActivationInfo("Mish", heavy_backward=True),
+    "hardswish": ActivationInfo("Hardswish"),  # MobileNetV3 (timm's BatchNormAct2d with nn.Hardswish)
 }
-ALIASES = {"swish": "silu"}
+ALIASES = {"swish": "silu", "hard_swish": "hardswish"}
 
 # Globals a @triton.jit function reads must be tl.constexpr instances (the interpreter accepts plain floats, the
 # compiler does not: bench/kernel_report.py compiles every activation to catch exactly this). They multiply
@@ -134,6 +135,9 @@ def _act(z, ACTIVATION: tl.constexpr, param):
         return _tanh(z)
     elif ACTIVATION == "mish":
         return z * _tanh(_softplus(z))
+    elif ACTIVATION == "hardswish":
+        # torch: x * min(max(x + 3, 0), 6) / 6, the division correctly rounded as torch's
+        return _div_rn(z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0), tl.full(z.shape, 6.0, z.dtype))
     else:
         tl.static_assert(False, "bnfast: unknown activation (kernels/activations.py ACTIVATIONS)")
 
@@ -170,6 +174,9 @@ def _act_grad(z, ACTIVATION: tl.constexpr, param):
     elif ACTIVATION == "mish":
         t = _tanh(_softplus(z))
         return t + z * (1.0 - t * t) * tl.sigmoid(z)
+    elif ACTIVATION == "hardswish":
+        # torch's hardswish_backward: 0 up to -3, x / 3 + 0.5 strictly between -3 and 3, 1 from 3 on
+        return tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, _div_rn(z, tl.full(z.shape, 3.0, z.dtype)) + 0.5, 1.0))
     else:
         tl.static_assert(False, "bnfast: unknown activation (kernels/activations.py ACTIVATIONS)")
 

@@ -38,7 +38,7 @@ def test_fused_activation_half_precision(activation, dtype, kernel_path):
     compare_step(torch_bn, ours, x, dy, activation)
 
 
-@pytest.mark.parametrize("activation", ["leaky_relu", "elu", "selu", "gelu_tanh", "silu", "tanh"])
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu", "selu", "gelu_tanh", "silu", "tanh", "hardswish"])
 def test_fused_activation_split_path(activation, kernel_path):
     torch_bn, ours = make_pair(5, activation=activation)
     x, dy = random_input((40, 5, 3), scale=2.0)
@@ -131,3 +131,20 @@ def test_fused_layer_keeps_only_the_input(activation):
     x_bytes = x.numel() * x.element_size()
     assert saved_activation_bytes(ours, x.clone()) == x_bytes
     assert saved_activation_bytes(torch_layer, x.clone()) == 2 * x_bytes
+
+
+def test_hardswish_kinks_follow_torch(kernel_path):
+    """hardswish' at exactly -3 and 3 is torch's choice (0 at -3, 1 at 3: x/3 + 0.5 only strictly between): eval
+    BatchNorm with running stats (0, 1 - eps), so z = x exactly, against torch's hardswish and its backward."""
+    eps = 2.0**-20
+    z = torch.tensor([[-4.0, -3.0, -1.5, 0.0], [1e-8, 1.5, 3.0, 4.0]], dtype=torch.float64, device=DEVICE)
+    z = z.repeat(4, 1).requires_grad_(True)
+    mean, var = torch.zeros(4, dtype=torch.float64, device=DEVICE), torch.full((4,), 1 - eps, dtype=torch.float64,
+                                                                               device=DEVICE)  # fmt: skip
+    ours = bnfast.batch_norm(z, mean, var, training=False, eps=eps, activation=nn.Hardswish())
+    (grad,) = torch.autograd.grad(ours.sum(), z)
+    z_ref = z.detach().clone().requires_grad_(True)
+    expected = nn.functional.hardswish(z_ref)
+    (grad_ref,) = torch.autograd.grad(expected.sum(), z_ref)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)

@@ -10,6 +10,7 @@ and on both launch plans where kernels run (tolerance rule in tests/parity.py):
   shape that does not broadcast, before any state change;
 """
 
+import math
 import random
 import warnings
 
@@ -269,3 +270,44 @@ def test_residual_on_another_device_raises_runtime_error():
 # --------------------------------------------------------------------------------------- extreme magnitudes
 def _ignore_overflow_warnings():
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # the interpreter's numpy on inf * 0 and overflow
+
+
+# --------------------------------------------------------------------------------------- extreme magnitudes
+def _ulp32(v: float) -> float:
+    return 2.0 ** (math.floor(math.log2(v)) - 23) if v > 0 else 2.0**-149
+
+
+# (std, mean): spread far above the mean (the issue's 1e30 case: the split plan's mean was 19x torch's error),
+# tile sums that overflow float32 though the mean does not, means near the float32 limit
+MAGNITUDES = [(1e30, 0.0), (1e18, 0.0), (1e30, 3e29), (1e3, 1e36), (1e36, 1e37), (3e37, 2e38), (1.0, 0.0)]
+
+
+@pytest.mark.parametrize("shape", [(16, 3, 40), (8, 3, 6, 5)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("std, mean", MAGNITUDES, ids=lambda v: f"{v:g}")
+def test_extreme_magnitudes_like_torch(std, mean, shape, kernel_path):
+    """float32 inputs up to the float32 range, on both plans, against float64 statistics of the same input:
+    running_mean within 2x torch's error + 8 ulps of itself (float32 accumulation: torch's CPU kernel
+    accumulates in float64); running_var and y where torch's are finite, with the parity rule of tests/parity.py;
+    nothing non-finite where torch is finite."""
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # the interpreter's numpy overflows, as designed
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean).float().to(DEVICE)
+    dims = [0, *range(2, x.dim())]
+    C = x.shape[1]
+    stats = {k: (torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)) for k in ("torch", "bnfast")}
+    y_t = F.batch_norm(x, *stats["torch"], training=True)
+    y_o = bnfast.batch_norm(x, *stats["bnfast"], training=True)
+    x64 = x.double()
+    ref_mean = 0.1 * x64.mean(dims)
+    ref_var = 0.9 + 0.1 * x64.var(dims)
+    err = lambda a, r: (a.double() - r).abs().max().item()  # noqa: E731
+    (rm_t, rv_t), (rm_o, rv_o) = stats["torch"], stats["bnfast"]
+    bound = 2 * err(rm_t, ref_mean) + 8 * _ulp32(ref_mean.abs().max().item())
+    assert err(rm_o, ref_mean) <= bound, f"running_mean error {err(rm_o, ref_mean):.3g} > {bound:.3g}"
+    for name, ours, theirs, ref in (("running_var", rv_o, rv_t, ref_var), ("y", y_o, y_t, None)):
+        finite = theirs.isfinite()
+        assert ours[finite].isfinite().all(), f"{name}: non-finite where torch's is finite"
+        if ref is None:
+            ref = (x64 - x64.mean(dims, keepdim=True)) / (x64.var(dims, correction=0, keepdim=True) + 1e-5).sqrt()
+        if finite.all() and ref.isfinite().all():
+            assert_matches_ref(ours, theirs, ref, torch.float32, name)

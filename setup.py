@@ -18,7 +18,7 @@ setup(
     # at import without it, yet neither package declares it.
     install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
         "examples": ["torchvision", "matplotlib", "tqdm"],
         "lint": ["ruff"],
     },

@@ -101,6 +101,12 @@ def _torch_verdict(x, running_mean, running_var, weight, bias, training, eps):
         raise ValueError(HALF_PAIR_MESSAGE)
 
 
+def _counter_fits(x: torch.Tensor, num_batches_tracked: torch.Tensor) -> bool:
+    """bnfast's own argument: the cumulative factor 1/num_batches_tracked is read on the device by the kernels (a
+    tensor elsewhere, or of several elements, would be read as garbage; torch's module calls float() on it)."""
+    return num_batches_tracked.numel() == 1 and num_batches_tracked.device == x.device
+
+
 def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """What `act(BN(x) + residual)` accepts, checked before any state changes: (residual as the kernels take it,
     whether torch ops must compute the call instead).
@@ -179,6 +185,11 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
     # momentum=None is the cumulative average 1/num_batches_tracked; without that counter, torch's module uses a
     # factor of 0 (the stats stay): so do we
     cumulative = training and momentum is None and num_batches_tracked is not None
+    if cumulative and not _counter_fits(x, num_batches_tracked):
+        raise ValueError(
+            "bnfast.batch_norm: num_batches_tracked must be a one-element tensor on the input's device, got "
+            f"shape {tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}"
+        )
     if count_batch:
         num_batches_tracked.add_(1)
     factor = 0.0 if momentum is None or not training else float(momentum)

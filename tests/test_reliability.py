@@ -311,3 +311,15 @@ def test_extreme_magnitudes_like_torch(std, mean, shape, kernel_path):
             ref = (x64 - x64.mean(dims, keepdim=True)) / (x64.var(dims, correction=0, keepdim=True) + 1e-5).sqrt()
         if finite.all() and ref.isfinite().all():
             assert_matches_ref(ours, theirs, ref, torch.float32, name)
+
+
+# ------------------------------------------------------------------- bnfast's own argument: num_batches_tracked
+@pytest.mark.parametrize("counter", [torch.tensor([1, 2]), torch.tensor(1, device="meta")], ids=["two", "meta"])
+def test_num_batches_tracked_must_be_one_element_on_the_device(counter):
+    """momentum=None reads the counter on the device: a tensor of several elements or on another device is a
+    ValueError before any state changes (torch's module would call float() on it), not garbage."""
+    x = torch.randn(4, 3, device=DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="num_batches_tracked must be a one-element tensor"):
+        bnfast.batch_norm(x, rm, rv, training=True, momentum=None, num_batches_tracked=counter)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))

@@ -18,8 +18,8 @@ setup(
     # at import without it, yet neither package declares it.
     install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={
-        # timm and torchvision: the real-model tests (tests/test_real_models.py; skipped without them)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "timm", "torchvision"],
+        # hypothesis: the differential tests; timm and torchvision: the real-model tests (skipped without them)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "timm", "torchvision"],
         "examples": ["torchvision", "matplotlib", "tqdm"],
         "lint": ["ruff"],
     },

@@ -80,6 +80,8 @@ def _check_device(x: torch.Tensor, group) -> None:
 def _check_inputs(x, weight, bias, running_mean, running_var, eps) -> None:
     """functional's fast checks, without the one-value-per-channel rule: under SyncBatchNorm a rank may hold one
     sample, or none. Anything else gets torch's verdict (in eval mode, which has no batch-size rule)."""
+    if functional._half_pair(running_mean, running_var):  # torch's training verdict (eval's would differ)
+        raise ValueError(functional.HALF_PAIR_MESSAGE)
     if functional._common_layout(x, (weight, bias, running_mean, running_var), eps):
         return
     C = x.shape[1]

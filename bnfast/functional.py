@@ -73,11 +73,20 @@ def _common_layout(x, tensors, eps) -> bool:
 
 def _common_case(x, tensors, training, eps) -> bool:
     """The cheap tests of the module docstring: True when nothing needs torch's verdict."""
-    if not _common_layout(x, tensors, eps):
+    if not _common_layout(x, tensors, eps) or _half_pair(tensors[2], tensors[3]):
         return False
     if training:
         return x.numel() != x.shape[1]  # more than one value per channel (x.numel() == 0 takes torch's path anyway)
     return tensors[2] is not None and tensors[3] is not None  # eval needs running stats
+
+
+HALF_PAIR_MESSAGE = "running_mean and running_var must either both be None or neither be None"  # torch's, training
+
+
+def _half_pair(running_mean, running_var) -> bool:
+    """Exactly one running stat of the two: torch's batch_norm refuses it (ValueError in training, RuntimeError
+    in eval), and the launchers take both or neither."""
+    return (running_mean is None) != (running_var is None)
 
 
 def _torch_verdict(x, running_mean, running_var, weight, bias, training, eps):
@@ -88,6 +97,45 @@ def _torch_verdict(x, running_mean, running_var, weight, bias, training, eps):
                      eps)  # fmt: skip
     if x.dim() < 2 or x.dtype not in _SUPPORTED_DTYPES:  # torch accepted what bnfast cannot compute
         raise ValueError(f"bnfast.batch_norm: unsupported input ({x.dim()}-D, {x.dtype}); torch accepts it")
+    if _half_pair(running_mean, running_var):  # torch (2.11 and later) raised above; never reach the launchers
+        raise ValueError(HALF_PAIR_MESSAGE)
+
+
+def _counter_fits(x: torch.Tensor, num_batches_tracked: torch.Tensor) -> bool:
+    """bnfast's own argument: the cumulative factor 1/num_batches_tracked is read on the device by the kernels (a
+    tensor elsewhere, or of several elements, would be read as garbage; torch's module calls float() on it)."""
+    return num_batches_tracked.numel() == 1 and num_batches_tracked.device == x.device
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """What `act(BN(x) + residual)` accepts, checked before any state changes: (residual as the kernels take it,
+    whether torch ops must compute the call instead).
+
+    torch's errors for what the expression refuses: a shape that does not broadcast with x's (RuntimeError,
+    the sum's message), a tensor on another device (RuntimeError; a 0-dim CPU tensor is allowed, as in
+    torch). Free for the kernels, which read the residual through its strides in its own dtype: a residual that
+    broadcasts to x's shape (a stride-0 view; autograd's expand sums its gradient back to its shape) and any
+    dtype whose sum with x keeps x's dtype (a 16-bit residual on float32 x, a 0-dim float64 tensor; integer
+    and bool residuals are cast to x's dtype first). What changes the output itself goes to torch ops (the
+    fallback): a residual that promotes the output's dtype (float64 on float32 x: the output is float64) or
+    broadcasts x's shape to a larger one."""
+    if residual.device != x.device and not (residual.dim() == 0 and residual.device.type == "cpu"):
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found at least two devices, {x.device} and "
+            f"{residual.device}!"
+        )
+    try:
+        shape = torch.broadcast_shapes(x.shape, residual.shape)
+    except RuntimeError:  # the sum's own RuntimeError and message, from stride-0 scalars (nothing allocated)
+        torch.zeros(()).expand(x.shape) + torch.zeros(()).expand(residual.shape)
+        raise
+    if shape != x.shape or torch.result_type(x, residual) != x.dtype or residual.device != x.device:
+        return residual, True
+    if not residual.is_floating_point():
+        residual = residual.to(x.dtype)
+    if residual.shape != x.shape:
+        residual = residual.expand(x.shape)
+    return residual, False
 
 
 def batch_norm(
@@ -110,8 +158,9 @@ def batch_norm(
     Same arguments and semantics as torch.nn.functional.batch_norm, plus `activation` (a name such as "relu"
     or a module such as nn.LeakyReLU(0.2); see `bnfast.SUPPORTED_ACTIVATIONS`) and `num_batches_tracked`:
     with momentum=None and training, the running stats take the cumulative average with factor
-    1/num_batches_tracked (the caller increments it first, as nn.BatchNorm1d does), and `residual` (the input's
-    shape, dtype and device, any strides), added before the activation and given the gradient dy * act'(z).
+    1/num_batches_tracked (the caller increments it first, as nn.BatchNorm1d does), and `residual` (any strides;
+    what `act(F.batch_norm(...) + residual)` accepts: see `_check_residual`), added before the activation and
+    given the gradient dy * act'(z), summed over the dims it was broadcast along.
     In training with running stats, running_mean/running_var are updated in place.
     """
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -130,19 +179,22 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
     tensors = (weight, bias, running_mean, running_var)
     if not _common_case(x, tensors, training, eps):
         _torch_verdict(x, running_mean, running_var, weight, bias, training, eps)
+    residual_by_torch = False
     if residual is not None and (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
-        raise ValueError(
-            f"bnfast: residual must have the input's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, "
-            f"{x.device}); got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
-        )
+        residual, residual_by_torch = _check_residual(x, residual)
     # momentum=None is the cumulative average 1/num_batches_tracked; without that counter, torch's module uses a
     # factor of 0 (the stats stay): so do we
     cumulative = training and momentum is None and num_batches_tracked is not None
+    if cumulative and not _counter_fits(x, num_batches_tracked):
+        raise ValueError(
+            "bnfast.batch_norm: num_batches_tracked must be a one-element tensor on the input's device, got "
+            f"shape {tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}"
+        )
     if count_batch:
         num_batches_tracked.add_(1)
     factor = 0.0 if momentum is None or not training else float(momentum)
     traced = _is_traced(x)
-    if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()):
+    if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()) or residual_by_torch:
         return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative,
                                  num_batches_tracked, eps, act, residual)  # fmt: skip
     if traced:

@@ -69,15 +69,14 @@ class FusedBatchNormBase:
         )
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """act(BN(input) + residual): `residual` (optional; the input's shape, dtype and device, any strides) is
-        added before the activation, in the same passes, and receives the gradient dy * act'(z) (a ResNet block's
-        tail). Any other residual torch's expression accepts (broadcast, another dtype) gets that expression,
-        computed unfused; one it rejects gets its error, before any state changes."""
+        """act(BN(input) + residual): `residual` (optional, any strides) is added before the activation, in the
+        same passes, and receives the gradient dy * act'(z) (a ResNet block's tail). Whatever residual torch's
+        expression accepts gets its answer (a broadcast one is a stride-0 view for the kernels; one that promotes
+        the dtype or enlarges the shape is computed with torch's ops), one it rejects its error, before any state
+        changes (`bnfast.functional`): a tracing fusion (bnfast.fuse) cannot see shapes, so any residual must do."""
         leaf = _fx_leaf(self, input, residual)
         if leaf is not None:
             return leaf
-        if _residual_needs_torch(input, residual):
-            return self.activation.apply(self._batch_norm(input, None, Activation("")) + residual)
         return self._batch_norm(input, residual, self.activation)
 
     def _batch_norm(self, input: torch.Tensor, residual, activation: Activation) -> torch.Tensor:

@@ -14,11 +14,15 @@ Math (statistics and reductions in ACC: float32 for float32/16-bit inputs, float
 
 Accuracy. Variance is never E[x^2]-E[x]^2. A tile's (count, mean, M2 = sum of squared deviations) is exact
 up to rounding, tiles merge with Chan's formula, and splits with the parallel formula
-M2 = sum_k M2_k + sum_k n_k*(mean_k-mean)**2. The split plan works on x - shift, with shift = x[0, c, 0]
-per channel (one sample: |mean - shift| is of the order of the spread), so partial means are small numbers
+M2 = sum_k M2_k + sum_k n_k*(mean_k-mean)**2. The split plan works on x - shift, with shift = the mean of
+the channel's first tile (|mean - shift| ~ spread / sqrt(tile size)), so partial means are small numbers
 whose rounding is relative to the spread, not to |mean|: mean 1e6 / std 1 in float32 keeps the accuracy of
-the single-pass plan. Means are refined once in registers (`_channel_mean`), so they come out correctly
-rounded; y is computed as (x - mean)*scale + b, never x*scale + (b - mean*scale), which cancels.
+the single-pass plan. The merge (`_merge_stats`) keeps the rounding of the merged mean relative to the shift
+(a compensation term and a TwoSum), so the mean does not inherit an ulp of |mean - shift| either: std 1e30
+around mean 0 gets torch's accuracy. Means are refined once in registers (`_channel_mean`), so they come out
+correctly rounded; y is computed as (x - mean)*scale + b, never x*scale + (b - mean*scale), which cancels.
+Up to the float32 limit: tile sums are rescaled by a power of two where they would overflow, and the merge
+weighs means by count/total, never count*mean (see `_channel_mean`, `_merge_stats`).
 
 Partials (the unit SyncBatchNorm puts a collective between; format documented once, here):
     stats partials  `part` (3, K, C) in ACC: per split k: count, mean of (x - shift), M2; and `shift` (C,)
@@ -174,9 +178,14 @@ def _channel_mean(x, mask, count):
     correction is accurate and the mean comes out correctly rounded, like a float64 sum would. Neither division
     needs to be IEEE (compiled float32 `/` is up to 2 ulp off): the correction absorbs mean0's error, and its own
     relative error is 2 ulp of a correction that is itself a few ulp of the mean.
+    Near the float32 limit the sum of a tile can overflow though its mean cannot (64 values of 1e37): such
+    channels sum x * p instead, p = 2**-ceil(log2(count)) (a power of two: exact scaling, and count * p <= 1
+    keeps every partial sum finite); the correction is always summed scaled.
     """
-    mean0 = _channel_sum(x) / count
-    refined = mean0 + _channel_sum(tl.where(mask, x - _bcast(mean0), 0.0)) / count
+    total = _channel_sum(x)
+    p = tl.exp2(-tl.ceil(tl.log2(count)))
+    mean0 = tl.where(tl.abs(total) < float("inf"), total / count, _channel_sum(x * p) / (count * p))
+    refined = mean0 + _channel_sum(tl.where(mask, (x - _bcast(mean0)) * p, 0.0)) / (count * p)
     return tl.where(tl.abs(mean0) < float("inf"), refined, mean0)  # an inf stays inf (inf - inf would be NaN)
 
 
@@ -261,10 +270,11 @@ def _sum_rows(part_ptr, row0, num_rows, c_offs, C, BLOCK_ROWS: tl.constexpr, ACC
 def _merge_stats(part_ptr, shift_ptr, num_rows, stride_row, stride_plane, stride_shift, c_offs, C,
                  ROW_SHIFTS: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr):  # fmt: skip
     """Merge stats rows k < num_rows (count, mean of x - shift, M2; row k at part_ptr + k * stride_row, the three
-    planes stride_plane apart) in a fixed order with the parallel formula: (count, mean relative to shift, M2,
-    shift) per channel. One shift (C,) for all rows, or (ROW_SHIFTS) one per row, stride_shift apart: the means
-    are then rebased to the first non-empty row's shift (an empty row's shift means nothing: a rank with no
-    samples), so they stay small numbers (see Accuracy)."""
+    planes stride_plane apart) in a fixed order with the parallel formula: (count, mean relative to the returned
+    shift, M2, shift) per channel, the returned shift being the merged mean rounded (the relative mean is then
+    its rounding error, tiny). One shift (C,) for all rows, or (ROW_SHIFTS) one per row, stride_shift apart: the
+    means are then rebased to the first non-empty row's shift (an empty row's shift means nothing: a rank with
+    no samples), so they stay small numbers (see Accuracy)."""
     c_mask = c_offs < C
     if ROW_SHIFTS:
         first = tl.zeros(c_offs.shape, tl.int32) + num_rows
@@ -278,34 +288,57 @@ def _merge_stats(part_ptr, shift_ptr, num_rows, stride_row, stride_plane, stride
     else:
         shift = tl.load(shift_ptr + c_offs, mask=c_mask, other=0.0)
     total = tl.zeros(c_offs.shape, ACC)
-    mean_rel = tl.zeros(c_offs.shape, ACC)
     for k0 in range(0, num_rows, BLOCK_ROWS):
         k = k0 + tl.arange(0, BLOCK_ROWS)
-        offs = k[:, None] * stride_row + c_offs[None, :]
         mask = (k[:, None] < num_rows) & c_mask[None, :]
-        cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)  # empty rows have count 0: they add nothing
-        mean_k = tl.load(part_ptr + stride_plane + offs, mask=mask, other=0.0)
-        if ROW_SHIFTS:
-            shift_k = tl.load(shift_ptr + k[:, None] * stride_shift + c_offs[None, :], mask=mask, other=0.0)
-            mean_k = tl.where(cnt > 0, mean_k + (shift_k - shift[None, :]), 0.0)
-        total += tl.sum(cnt, axis=0)
-        # the means are relative to the shift: small numbers, so this weighted sum loses nothing to |mean|
-        mean_rel += tl.sum(cnt * mean_k, axis=0)
-    mean_rel = _div_rn(mean_rel, tl.maximum(total, 1.0))
+        total += tl.sum(tl.load(part_ptr + k[:, None] * stride_row + c_offs[None, :], mask=mask, other=0.0), axis=0)
+    inv_total = _bcast_rows(_div_rn(tl.full(c_offs.shape, 1.0, ACC), tl.maximum(total, 1.0)))
+    # weights count/total <= 1: a weighted sum that cannot overflow, where count * mean could (1e9 values of 1e30)
+    hi = tl.zeros(c_offs.shape, ACC)
+    for k0 in range(0, num_rows, BLOCK_ROWS):
+        cnt, mean_k, _ = _stats_rows(part_ptr, shift_ptr, shift, k0, num_rows, stride_row, stride_plane, stride_shift,
+                                     c_offs, c_mask, ROW_SHIFTS, BLOCK_ROWS)  # fmt: skip
+        hi += tl.sum(cnt * inv_total * mean_k, axis=0)  # empty rows have count 0: they add nothing
+    lo = tl.zeros(c_offs.shape, ACC)
     m2 = tl.zeros(c_offs.shape, ACC)
     for k0 in range(0, num_rows, BLOCK_ROWS):
-        k = k0 + tl.arange(0, BLOCK_ROWS)
-        offs = k[:, None] * stride_row + c_offs[None, :]
-        mask = (k[:, None] < num_rows) & c_mask[None, :]
-        cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)
-        mean_k = tl.load(part_ptr + stride_plane + offs, mask=mask, other=0.0)
-        if ROW_SHIFTS:
-            shift_k = tl.load(shift_ptr + k[:, None] * stride_shift + c_offs[None, :], mask=mask, other=0.0)
-            mean_k = tl.where(cnt > 0, mean_k + (shift_k - shift[None, :]), 0.0)
-        d = mean_k - mean_rel[None, :]
-        m2_k = tl.load(part_ptr + 2 * stride_plane + offs, mask=mask, other=0.0)
+        cnt, mean_k, m2_k = _stats_rows(part_ptr, shift_ptr, shift, k0, num_rows, stride_row, stride_plane,
+                                        stride_shift, c_offs, c_mask, ROW_SHIFTS, BLOCK_ROWS)  # fmt: skip
+        d = mean_k - hi[None, :]
+        lo += tl.sum(tl.where(cnt > 0, cnt * inv_total * d, 0.0), axis=0)
         m2 += tl.sum(m2_k + tl.where(cnt > 0, cnt * d * d, 0.0), axis=0)
-    return total, mean_rel, m2, shift
+    # mean - shift = hi + lo, with lo the small correction of hi's rounding (the rows' means are relative to a
+    # shift one sample away: |hi| is about the spread, and hi alone would carry an ulp of the spread into the
+    # mean). The result is rebased onto shift + hi, rounded, with that rounding's exact error kept (TwoSum): the
+    # mean comes out as accurate as its rows, whatever |mean - shift| is. (m2 around hi rather than the mean
+    # differs by total * lo**2: an ulp of an ulp, not corrected.)
+    new_shift = shift + hi
+    moved = new_shift - shift
+    rounding = (shift - (new_shift - moved)) + (hi - moved)
+    finite = tl.abs(new_shift) < float("inf")  # an inf or NaN mean stays relative to the old shift, as it was
+    return total, tl.where(finite, rounding + lo, hi), m2, tl.where(finite, new_shift, shift)
+
+
+@triton.jit
+def _bcast_rows(v):
+    """A per-channel vector [BLOCK_C] as [1, BLOCK_C], against [BLOCK_ROWS, BLOCK_C] rows of partials."""
+    return v[None, :]
+
+
+@triton.jit
+def _stats_rows(part_ptr, shift_ptr, shift, k0, num_rows, stride_row, stride_plane, stride_shift, c_offs, c_mask,
+                ROW_SHIFTS: tl.constexpr, BLOCK_ROWS: tl.constexpr):  # fmt: skip
+    """Rows k0 .. k0 + BLOCK_ROWS of the stats partials: (count, mean relative to `shift`, M2), [BLOCK_ROWS, BLOCK_C];
+    with ROW_SHIFTS, each row's mean rebased from its own shift (an empty row's mean is 0)."""
+    k = k0 + tl.arange(0, BLOCK_ROWS)
+    offs = k[:, None] * stride_row + c_offs[None, :]
+    mask = (k[:, None] < num_rows) & c_mask[None, :]
+    cnt = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    mean_k = tl.load(part_ptr + stride_plane + offs, mask=mask, other=0.0)
+    if ROW_SHIFTS:
+        shift_k = tl.load(shift_ptr + k[:, None] * stride_shift + c_offs[None, :], mask=mask, other=0.0)
+        mean_k = tl.where(cnt > 0, mean_k + (shift_k - shift[None, :]), 0.0)
+    return cnt, mean_k, tl.load(part_ptr + 2 * stride_plane + offs, mask=mask, other=0.0)
 
 
 # ----------------------------------------------------------------------------------------- forward kernels
@@ -352,7 +385,9 @@ def _bn_stats_partial_kernel(
     c_mask = c_offs < C
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    shift = tl.load(x_ptr + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(ACC)  # x[0, c, 0]
+    # shift = the first tile's mean (every split computes the same): |mean - shift| ~ spread / sqrt(tile size)
+    x0, mask0 = _load_tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
+    shift = _channel_mean(x0, mask0, (tl.minimum(N, BLOCK_N) * tl.minimum(S, BLOCK_S)).to(ACC))
     shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)  # NaN/inf: no shift; the channel is NaN anyway
     cnt = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)

@@ -205,15 +205,33 @@ def merge_rows(*views: Ncs | None) -> tuple[Ncs | None, ...]:
 
 
 def new_output(x: torch.Tensor) -> torch.Tensor:
-    """An output like torch's batch_norm allocates it: channels_last for a channels_last 4-D/5-D input,
-    contiguous otherwise."""
-    if x.is_contiguous():
-        return torch.empty_like(x)  # the common case, and the cheapest call (a third of torch.empty's host time)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.empty_like(x, memory_format=torch.channels_last)
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.empty_like(x, memory_format=torch.channels_last_3d)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    """An output allocated as torch's batch_norm allocates it (`empty_like(x, x.suggest_memory_format())`): in
+    channels_last order when a 4-D/5-D x is channels_last, dense or not (a sliced or strided channels_last view
+    gets a dense channels_last output), contiguous otherwise (any other stride order, expanded inputs, and every
+    2-D/3-D input)."""
+    # contiguous_format, never preserve: a contiguous x may carry odd strides on its size-1 dims, which torch's
+    # output does not copy (and empty_like with a format is as cheap as the plain call). A tensor that is both
+    # contiguous and channels_last (size-1 dims) is contiguous for torch.
+    if x.is_contiguous() or x.dim() < 4 or not _channels_last(x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """c10's `is_strides_like_channels_last(_3d)` for a 4-D/5-D x (what `suggest_memory_format` asks): dense
+    channels_last, or strides non-decreasing in the order c, w, h, n (c, w, h, d, n), size-1 dims and the
+    ambiguous N111 case resolved as c10 resolves them."""
+    if x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d):
+        return True
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:  # an expanded C: NCHW, as in c10
+        return False
+    lower = 0
+    for d in (1, 3, 2, 0) if x.dim() == 4 else (1, 4, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lower or (d == 0 and lower == strides[1]):
+            return False
+        lower = strides[d] * sizes[d]
+    return True
 
 
 def config_for(x: Ncs, widen: int, split: bool = False) -> LaunchConfig:

@@ -37,3 +37,8 @@ def test_numpy_is_an_install_requirement():
     # Triton's interpreter imports numpy, torch warns at import without it, and neither declares it: a plain
     # `pip install .` must bring it, or the README's CPU one-liner dies with "No module named 'numpy'".
     assert "numpy" in requirement_names(setup_kwargs()["install_requires"])
+
+
+def test_hypothesis_is_a_test_requirement():
+    # tests/test_differential.py draws its examples with hypothesis
+    assert "hypothesis" in requirement_names(setup_kwargs()["extras_require"]["test"])

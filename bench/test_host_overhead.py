@@ -11,8 +11,9 @@ round by round (minimum over rounds; each round runs the step `iterations` times
   for any Triton kernel, a few us) is replaced by a recorder. With CUDA, the real driver on CUDA tensors.
 - "bnfast-grid": the same with bnfast's direct launch turned off (`launch.DIRECT_LAUNCH = False`): every
   launch through Triton's `kernel[grid](...)`, i.e. `JITFunction.run`.
-- "bnfast-own": launches recorded by `bnfast.testing.record_launches` (no Triton at all): bnfast's own Python
-  plus torch's share. Triton's share per launch = (bnfast - bnfast-own) / launches, and likewise for -grid.
+- "bnfast-own": launches recorded by `bnfast.testing.record_launches` (no Triton at all, direct launch off):
+  bnfast's own Python plus torch's share. Triton's share per launch = (bnfast - bnfast-own) / launches (the
+  direct launch's key and lookup included), and likewise for -grid.
 - "autograd-floor": an autograd.Function with the entry's inputs that only allocates its outputs: what any
   Function-based layer pays torch (apply, save, the engine).
 - "torch": torch's CPU F.batch_norm + F.relu, really computing (tiny).
@@ -123,7 +124,7 @@ def measure(rounds: int, iterations: int) -> dict:
         for _ in range(rounds):
             for (mode, provider), step in steps.items():
                 if direct is not None:
-                    launch.DIRECT_LAUNCH = direct and provider != "bnfast-grid"
+                    launch.DIRECT_LAUNCH = direct and provider == "bnfast"  # -own: key building counts as Triton's
                 ctx = testing.record_launches() if provider == "bnfast-own" else contextlib.nullcontext()
                 with ctx as recorded:
                     step()  # warm-up (and the first compile)

@@ -66,17 +66,7 @@ def record_launches():
 
 
 # ------------------------------------------------------------------------------------------ stand-in driver
-SUPPORTED_TRITON = ("3.6", "3.8")  # the stacks whose launch path (JITFunction.run, CompiledKernel) was studied
-
-
-def triton_launch_support() -> str | None:
-    """None when the installed Triton's launch path is one bnfast knows (its direct launch and the stand-in
-    driver rely on it); otherwise why not, in words."""
-    import triton
-
-    if ".".join(triton.__version__.split(".")[:2]) not in SUPPORTED_TRITON:
-        return f"triton {triton.__version__}: the launch path is known for triton {' and '.join(SUPPORTED_TRITON)}"
-    return None
+triton_launch_support = launch.triton_launch_support  # None where the launch path is known, else why not
 
 
 class _StandinUtils:
@@ -97,8 +87,9 @@ class _StandinUtils:
 
 class StandinDriver:
     """A CUDA driver for Triton that runs nothing: it reports an sm_`arch` target, device `device` and a stream,
-    loads no module, and its launcher records its arguments in `launches` instead of launching:
-    (kernel name, (gridX, gridY, gridZ), stream, function handle, kernel arguments). With it active,
+    loads no module (`loaded` lists the kernels it was asked to load), and its launcher records its arguments in
+    `launches` instead of launching: (kernel name, (gridX, gridY, gridZ), stream, function handle, the rest:
+    packed metadata, launch metadata, the enter and exit hooks, then the kernel's arguments). With it active,
     `kernel[grid](...)` runs Triton's real launch path on CPU tensors (binding, specialisation key, cache lookup,
     compile for the target with ptxas; only the launcher's own C call is missing). Device -1 is the CPU's index
     (`Tensor.get_device()`), so CPU tensors are on the current device and need no device switch."""
@@ -116,8 +107,7 @@ class StandinDriver:
             def __init__(self, src, metadata):
                 self.name = metadata.name
 
-            def __call__(self, gridX, gridY, gridZ, stream, function, packed_metadata, launch_metadata, enter_hook,
-                         exit_hook, *args):  # fmt: skip
+            def __call__(self, gridX, gridY, gridZ, stream, function, *args):
                 owner.launches.append((self.name, (gridX, gridY, gridZ), stream, function, args))
 
         self.launcher_cls = Launcher

@@ -242,10 +242,10 @@ def local_partials(x: torch.Tensor) -> torch.Tensor:
     acc = launch.acc_dtype(x.dtype)
     if x.numel() == 0:
         return torch.zeros((4, x.shape[1]), dtype=acc, device=x.device)
-    x3 = launch.as_ncs(x, launch.is_transposed_2d(x))
     if not functional.uses_triton(x):
-        return _TorchStages.local_stats(x, x3, None)
-    return _KernelStages.local_stats(x, x3, launch.config_for(x3, launch.register_widening(acc), split=True))
+        return _TorchStages.local_stats(x, None, None)
+    x3, cfg = launch.prepare(x, widen=launch.register_widening(acc), split=True)
+    return _KernelStages.local_stats(x, x3, cfg)
 
 
 # ------------------------------------------------------------------------------------------------- autograd
@@ -262,9 +262,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         acc = launch.acc_dtype(x.dtype)
         C = x.shape[1]
         y = launch.new_output(x)
-        transposed = launch.is_transposed_2d(x)
-        x3, y3 = launch.as_ncs(x, transposed), launch.as_ncs(y, transposed)
-        cfg = launch.config_for(x3, launch.register_widening(acc), split=True)
+        x3, y3, cfg = launch.prepare(x, y, widen=launch.register_widening(acc), split=True)
         if x.numel():
             local = stages.local_stats(x, x3, cfg)
         else:  # no samples here: count 0, which every merge skips; the collective still needs this rank
@@ -287,9 +285,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
         stages, act = ctx.stages, ctx.act
         dx, dw, db = launch.backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))[:3]
-        transposed = launch.is_transposed_2d(x)
-        x3, dy3 = launch.as_ncs(x, transposed), launch.as_ncs(dy, transposed)
-        cfg = launch.config_for(x3, launch.register_widening(mean.dtype, act.name, backward=True), split=True)
+        widen = launch.register_widening(mean.dtype, act.name, backward=True)
+        x3, dy3, dx3, cfg = launch.prepare(x, dy, dx, widen=widen, split=True)
         if x.numel():
             sums = stages.grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act)
         else:  # this rank's sums are 0, and so are its dweight and dbias
@@ -301,7 +298,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(sums, group=ctx.group)
             sums /= _global_count(rows)  # means over the global batch, on device: grad_input's count is 1
             if x.numel():
-                dx3 = launch.as_ncs(dx, transposed)
                 stages.grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, sums, cfg, act)
         # one gradient per input: x, weight, bias; none for the buffers, the scalars, the group
         return dx, dw, db, *(None,) * 10

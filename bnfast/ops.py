@@ -35,14 +35,44 @@ The backward has two paths:
   gradients (`is_grads_batched=True`, gradcheck's batched check: functorch tensors the kernels cannot read).
   This is the slow path: a few torch ops per layer, float32 (float64 for float64) like the kernels.
 
+The eager-vs-traced choice and the running-stat copy-back live here too (`batch_norm`, `is_traced`), so that
+`bnfast.functional` only checks and routes (kernels or torch).
+
 Imports: torch, bnfast.activations, bnfast.kernels.launch.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .activations import Activation
 from .kernels import launch
+
+
+class BatchNormInputs(NamedTuple):
+    """The inputs of `bnfast::batch_norm` and of `BatchNormFunction`, in this order: the op protocol, named once
+    (the op's schema is checked against it in tests/test_compile.py; the fake, `_save`, `_backward` and the
+    host-time benchmark's floor read it)."""
+
+    x: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    training: bool
+    momentum: float
+    cumulative: bool
+    eps: float
+    activation: str
+    act_param: float
+    residual: Tensor | None = None
+
+
+ENTRY_INPUTS = len(BatchNormInputs._fields)
+_RESIDUAL = BatchNormInputs._fields.index("residual")  # the one input after the non-differentiable ones
 
 
 def _none(x: Tensor) -> Tensor:
@@ -85,9 +115,9 @@ def batch_norm_op(
 
 
 @batch_norm_op.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, cumulative, eps,
-      activation, act_param, residual=None):  # fmt: skip
-    return (*launch.forward_outputs(x, training), *_new_running(x, running_mean, running_var, training))
+def _(*args, **kwargs):
+    i = BatchNormInputs(*args, **kwargs)
+    return (*launch.forward_outputs(i.x, i.training), *_new_running(i.x, i.running_mean, i.running_var, i.training))
 
 
 @torch.library.custom_op("bnfast::batch_norm_backward", mutates_args=())
@@ -123,18 +153,20 @@ def _(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_
 
 # -------------------------------------------------------------------------------- shared setup and backward
 def _setup_context(ctx, inputs, output):
-    """Both entries: inputs are (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-    momentum, cumulative, eps, activation, act_param, residual); output starts with (y, save_mean, save_rstd)."""
-    x, weight, bias, running_mean, running_var, _, training, _, _, eps, activation, act_param = inputs[:12]
-    residual = inputs[12] if len(inputs) > 12 else None  # the op's last argument has a default
-    _, mean, rstd = output[:3]
+    """The op's setup (register_autograd): `inputs` follow `BatchNormInputs`; `output` is the op's
+    (y, save_mean, save_rstd, new running stats), all but y non-differentiable."""
     ctx.mark_non_differentiable(*output[1:])
-    kept_residual = residual if activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
-    if training:
-        ctx.save_for_backward(x, weight, bias, mean, rstd, kept_residual)
+    _save(ctx, BatchNormInputs(*inputs), output[1], output[2])
+
+
+def _save(ctx, i: BatchNormInputs, mean, rstd):
+    """Both entries: what the backward needs (see the module docstring)."""
+    kept_residual = i.residual if i.activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
+    if i.training:
+        ctx.save_for_backward(i.x, i.weight, i.bias, mean, rstd, kept_residual)
     else:  # eval: the running stats are constants of the backward
-        ctx.save_for_backward(x, weight, bias, running_mean, running_var, kept_residual)
-    ctx.training, ctx.eps, ctx.activation, ctx.act_param = training, eps, activation, act_param
+        ctx.save_for_backward(i.x, i.weight, i.bias, i.running_mean, i.running_var, kept_residual)
+    ctx.training, ctx.eps, ctx.activation, ctx.act_param = i.training, i.eps, i.activation, i.act_param
 
 
 def _backward(ctx, dy, *_stat_grads):
@@ -142,7 +174,7 @@ def _backward(ctx, dy, *_stat_grads):
     gets g = dy * act'(z) (dy itself without an activation)."""
     x, weight, bias, mean, stat, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    wants_dr = len(needs) > 12 and needs[12]
+    wants_dr = len(needs) > _RESIDUAL and needs[_RESIDUAL]
     needs_dr = wants_dr and bool(ctx.activation)  # without an activation dresidual = dy: no kernel
     if torch.is_grad_enabled() or _is_functorch(dy) or torch._C._functorch.maybe_current_level() is not None:
         dx, dw, db, dr = _backward_torch(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
@@ -159,7 +191,7 @@ def _backward(ctx, dy, *_stat_grads):
         dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, mask, strict=True))
     if wants_dr and not ctx.activation:
         dr = dy
-    return dx, dw, db, *(None,) * 9, *((dr,) if len(needs) > 12 else ())
+    return dx, dw, db, *(None,) * (_RESIDUAL - 3), *((dr,) if len(needs) > _RESIDUAL else ())
 
 
 def _is_functorch(t: Tensor) -> bool:
@@ -205,26 +237,54 @@ def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, ac
 
 # --------------------------------------------------------------------------------------------- eager entry
 class BatchNormFunction(torch.autograd.Function):
-    """The eager entry (see the module docstring): the running stats are updated in place by the kernel.
+    """The eager entry (see the module docstring): the running stats are updated in place by the kernel; returns
+    y alone (mean and rstd are only saved: two more outputs cost ~4 us of autograd bookkeeping per
+    forward+backward, measured with bench/test_host_overhead.py's floor, where 13 inputs cost no more than 5).
 
-    forward(ctx, ...) calls `_setup_context` itself rather than declaring it as the `setup_context`
-    staticmethod: with a separate setup_context, `Function.apply` binds the arguments through
-    `inspect.signature` on every call (about a fifth of bnfast's host time per layer, measured with
-    bench/test_host_overhead.py). functorch transforms, which would need the separate form, never reach this
-    class: `bnfast.functional` routes their tensors to torch's own batch_norm.
+    forward(ctx, ...) saves through `_save` itself rather than declaring a `setup_context` staticmethod: with a
+    separate setup_context, `Function.apply` binds the arguments through `inspect.signature` on every call
+    (about a fifth of bnfast's host time per layer, measured with bench/test_host_overhead.py). functorch
+    transforms, which would need the separate form, never reach this class: `bnfast.functional` routes their
+    tensors to torch's own batch_norm.
     """
 
     @staticmethod
     def forward(ctx, *inputs):
-        x, weight, bias, rm, rv, nbt, training, momentum, cumulative, eps, activation, param, residual = inputs
-        output = launch.bn_fwd(
-            x, weight, bias, rm, rv, nbt, training=training, momentum=momentum, cumulative=cumulative, eps=eps,
-            activation=activation, act_param=param, residual=residual,
+        i = BatchNormInputs(*inputs)
+        y, mean, rstd = launch.bn_fwd(
+            i.x, i.weight, i.bias, i.running_mean, i.running_var, i.num_batches_tracked, training=i.training,
+            momentum=i.momentum, cumulative=i.cumulative, eps=i.eps, activation=i.activation, act_param=i.act_param,
+            residual=i.residual,
         )  # fmt: skip
-        _setup_context(ctx, inputs, output)
-        return output
+        _save(ctx, i, mean, rstd)
+        return y
 
     backward = staticmethod(_backward)
+
+
+def is_traced(x: Tensor) -> bool:
+    """True under torch.compile / torch.export, or for fake tensors (FakeTensorMode, make_fx): then the kernels
+    are reached through the `bnfast::` op, which torch can trace."""
+    if torch.compiler.is_compiling():
+        return True
+    return type(x) is not torch.Tensor and is_fake(x)  # the type test keeps plain eager tensors cheap
+
+
+def batch_norm(*inputs, traced: bool | None = None) -> Tensor:
+    """y for `BatchNormInputs` through the kernels: the eager Function (running stats updated in place by the
+    kernel), or when traced (`is_traced(x)`, computed here when not given) the functional op, whose new running
+    stats are then copied into the buffers in place, so both entries update the same tensor objects."""
+    if traced is None:
+        traced = is_traced(inputs[0])
+    if not traced:
+        return BatchNormFunction.apply(*inputs)
+    y, _, _, new_mean, new_var = batch_norm_op(*inputs)
+    i = BatchNormInputs(*inputs)
+    if i.training and i.running_mean is not None:
+        with torch.no_grad():  # in place: modules, DDP and optimizers hold these very tensors
+            i.running_mean.copy_(new_mean)
+            i.running_var.copy_(new_var)
+    return y
 
 
 batch_norm_op.register_autograd(_backward, setup_context=_setup_context)

@@ -234,6 +234,21 @@ def config_for(x: Ncs, widen: int, split: bool = False) -> LaunchConfig:
     return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.get_device()), override)
 
 
+def prepare(x: torch.Tensor, *others: torch.Tensor | None, widen: int = 1, split: bool = False):
+    """(x3, *others3, cfg): x and the tensors indexed like it (y, dy, dx, the residual and its gradient; None
+    passes through) as (N, C, S) views, and the launch configuration, the one way every caller builds them
+    (bn_fwd, bn_bwd, the SyncBatchNorm stages, recalibrate, the kernel report). A transposed 2-D x decides the
+    view of all of them (`is_transposed_2d`); channels_last rows are merged when every view allows it
+    (`merge_rows`); `widen` and `split` are `config_for`'s."""
+    transposed = is_transposed_2d(x)
+    views = [as_ncs(x, transposed)]
+    for t in others:
+        views.append(as_ncs(t, transposed) if t is not None else None)
+    if views[0].sc == 1 and views[0].S > 1:  # channels_last: one dense row axis when every tensor allows it
+        views = merge_rows(*views)
+    return (*views, config_for(views[0], widen, split))
+
+
 def _stat_pair(like: torch.Tensor, C: int, dtype: torch.dtype):
     """mean and rstd on `like`'s device: two allocations, not rows of one (they are op outputs, which must not
     alias)."""
@@ -546,12 +561,7 @@ def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, t
     as the factor. `residual` (x's shape, any strides) is added before the activation.
     """
     y_t, mean, rstd = forward_outputs(x, training)
-    transposed = is_transposed_2d(x)
-    x3, y3 = as_ncs(x, transposed), as_ncs(y_t, transposed)
-    r3 = as_ncs(residual, transposed) if residual is not None else None
-    if x3.sc == 1 and x3.S > 1:  # channels_last: one dense row axis when every tensor allows it
-        x3, y3, r3 = merge_rows(x3, y3, r3)
-    cfg = config_for(x3, 2 if x.dtype == torch.float64 else 1)  # register_widening(ACC), inlined: hot path
+    x3, y3, r3, cfg = prepare(x, y_t, residual, widen=2 if x.dtype == torch.float64 else 1)  # register_widening
     if not training:
         normalize(x3, y3, weight, bias, running_mean, running_var, cfg, stat_is_var=True, eps=eps,
                   activation=activation, act_param=act_param, r=r3)  # fmt: skip
@@ -579,14 +589,10 @@ def bn_bwd(dy, x, weight, bias, mean, stat, *, training, eps, activation, act_pa
     None when not asked for or when there is no such input. Without an activation dresidual = dy: the caller
     passes dy on and asks for no dresidual here."""
     dx_t, dw, db, dr_t = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db, needs_dr), residual)
-    transposed = is_transposed_2d(x)
-    x3, dy3 = as_ncs(x, transposed), as_ncs(dy, transposed)
-    dx3 = as_ncs(dx_t, transposed) if dx_t is not None else None
-    r3 = as_ncs(residual, transposed) if residual is not None and activation else None  # only act' reads it
-    dr3 = as_ncs(dr_t, transposed) if dr_t is not None else None
-    if x3.sc == 1 and x3.S > 1:  # channels_last: one dense row axis when every tensor allows it
-        x3, dy3, dx3, r3, dr3 = merge_rows(x3, dy3, dx3, r3, dr3)
-    cfg = config_for(x3, register_widening(acc_dtype(x.dtype), activation, backward=True))
+    r = residual if activation else None  # only act' reads it
+    x3, dy3, dx3, r3, dr3, cfg = prepare(
+        x, dy, dx_t, r, dr_t, widen=register_widening(acc_dtype(x.dtype), activation, backward=True)
+    )
     opts = dict(activation=activation, act_param=act_param, r=r3, dr=dr3)
     if cfg.plan == "single":
         backward_single(dy3, x3, dx3, weight, bias, mean, stat, dw, db, cfg, training=training, eps=eps, **opts)

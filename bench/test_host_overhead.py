@@ -14,8 +14,10 @@ round by round (minimum over rounds; each round runs the step `iterations` times
 - "bnfast-own": launches recorded by `bnfast.testing.record_launches` (no Triton at all, direct launch off):
   bnfast's own Python plus torch's share. Triton's share per launch = (bnfast - bnfast-own) / launches (the
   direct launch's key and lookup included), and likewise for -grid.
-- "autograd-floor": an autograd.Function with the entry's inputs that only allocates its outputs: what any
-  Function-based layer pays torch (apply, save, the engine).
+- "autograd-floor": an autograd.Function with the eager entry's inputs and output (ops.BatchNormFunction: the
+  protocol's 13 inputs, y alone) that only allocates: what any Function-based layer pays torch (apply, save,
+  the engine). Beside it the same with 13 inputs and 3 outputs (the entry before) and with 4 inputs, 1 output
+  (the fewest a BN entry could take): how the floor grows with inputs and outputs.
 - "torch": torch's CPU F.batch_norm + F.relu, really computing (tiny).
 
     python -m bench.test_host_overhead [--rounds 200] [--iterations 10] [--json PATH]   # TRITON_INTERPRET unset
@@ -36,19 +38,22 @@ import timeit
 import pytest
 
 SHAPE = (32, 32)  # the MNIST layer
-PROVIDERS = ("bnfast", "bnfast-grid", "bnfast-own", "autograd-floor", "torch")
+PROVIDERS = ("bnfast", "bnfast-grid", "bnfast-own", "autograd-floor", "floor-13in-3out", "floor-4in-1out", "torch")
 MODES = ("fwd", "fwd+bwd")
 
 
-def _floor_function(torch):
+def _floor_function(torch, outputs: int):
     class _AllocateOnly(torch.autograd.Function):
-        """The autograd floor: the entry's inputs and outputs, no work."""
+        """The autograd floor: the entry's inputs, `outputs` outputs (y, then mean and rstd), no work."""
 
         @staticmethod
         def forward(ctx, x, weight, bias, *rest):
             C = x.shape[1]
             y, mean, rstd = torch.empty_like(x), x.new_empty(C), x.new_empty(C)
             ctx.save_for_backward(x, weight, bias, mean, rstd)
+            ctx.inputs = 3 + len(rest)
+            if outputs == 1:
+                return y
             ctx.mark_non_differentiable(mean, rstd)
             return y, mean, rstd
 
@@ -56,9 +61,15 @@ def _floor_function(torch):
         def backward(ctx, dy, *_):
             x, weight, bias, _, _ = ctx.saved_tensors
             grads = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
-            return *grads, *(None,) * (_AllocateOnly.n - 3)
+            return *grads, *(None,) * (ctx.inputs - 3)
 
     return _AllocateOnly
+
+
+# the floors: (inputs, outputs) of an allocate-only autograd.Function. The entry's own (ops.BatchNormFunction: the
+# protocol's inputs, y alone), the entry before (13 inputs, y + mean + rstd), and the fewest a BN entry could take
+# (x, weight, bias and one object for the rest)
+FLOORS = {"autograd-floor": None, "floor-13in-3out": (13, 3), "floor-4in-1out": (4, 1)}
 
 
 def measure(rounds: int, iterations: int) -> dict:
@@ -81,8 +92,8 @@ def measure(rounds: int, iterations: int) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     driver = contextlib.nullcontext() if cuda else testing.standin_driver()
-    floor = _floor_function(torch)
-    inputs = getattr(bnfast.ops, "ENTRY_INPUTS", 13)  # the autograd entry's input count
+    inputs = getattr(bnfast.ops, "ENTRY_INPUTS", 13)  # the eager autograd entry's input count
+    floors = {name: shape or (inputs, 1) for name, shape in FLOORS.items()}
     out = {"versions": {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]},
            "device": "cuda" if cuda else "cpu, stand-in driver (sm_90)", "floor_inputs": inputs,
            "us": {m: {} for m in MODES}, "launches": {}}  # fmt: skip
@@ -92,16 +103,22 @@ def measure(rounds: int, iterations: int) -> dict:
         module = bnfast.FusedBatchNorm1d(SHAPE[1], activation="relu", device=device)
         w, b, rm, rv = module.weight, module.bias, module.running_mean, module.running_var
 
-        def floor_forward(x):
-            args = (x, w, b, rm, rv, None, True, 0.1, False, 1e-5, "relu", 0.0, None)[:inputs]
-            return floor.apply(*args)[0]
+        spec = object()  # stands for everything but x, weight and bias
+        full = (x, w, b, rm, rv, None, True, 0.1, False, 1e-5, "relu", 0.0, None)
+
+        def floor_forward(n_inputs, n_outputs):
+            function = _floor_function(torch, n_outputs)
+            args = full[:n_inputs] if n_inputs > 4 else (x, w, b, spec)
+            if n_outputs == 1:
+                return lambda x: function.apply(*args)
+            return lambda x: function.apply(*args)[0]
 
         def torch_forward(x):
             return F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
 
-        floor.n = inputs
-        forwards = {"bnfast": module, "bnfast-grid": module, "bnfast-own": module, "autograd-floor": floor_forward,
-                    "torch": torch_forward}  # fmt: skip
+        forwards = {"bnfast": module, "bnfast-grid": module, "bnfast-own": module}
+        forwards.update({name: floor_forward(*shape) for name, shape in floors.items()})
+        forwards["torch"] = torch_forward
         with testing.record_launches() as log:
             module(x).backward(dy)
             out["launches"] = {"fwd+bwd": len(log)}
@@ -154,7 +171,9 @@ def format_table(result: dict) -> str:
         ("bnfast (module, Triton's launch included)", "bnfast"),
         ("bnfast, every launch through kernel[grid]", "bnfast-grid"),
         ("bnfast's own Python + torch (launches recorded)", "bnfast-own"),
-        (f"autograd floor ({result['floor_inputs']}-input Function, allocation only)", "autograd-floor"),
+        (f"autograd floor: the entry's {result['floor_inputs']} inputs, y alone (allocation only)", "autograd-floor"),
+        ("autograd floor: 13 inputs, y + mean + rstd (the entry before)", "floor-13in-3out"),
+        ("autograd floor: 4 inputs (x, weight, bias, one object), y alone", "floor-4in-1out"),
         ("torch F.batch_norm + relu, computing", "torch"),
     ]
     lines = [f"host time per layer call, {SHAPE[0]}x{SHAPE[1]}, {result['device']}; {result['versions']}",

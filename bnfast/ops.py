@@ -15,12 +15,13 @@ Two entries, one implementation:
 - The `bnfast::` torch.library ops are what torch.compile / torch.export / fake tensors see (traceable, no
   graph break). No op mutates its inputs (PyTorch refuses autograd for mutating custom ops), so the op's
   forward is functional like aten's `_native_batch_norm_legit_functional`: it returns the new running stats
-  and `bnfast.functional` copies them into the buffers in place.
-Both take the same inputs in the same order, so `_setup_context` and `_backward` are literally the same
-functions for both (`register_autograd` and the Function's staticmethods). Why keep the eager Function at all:
-measured on this project's CPU (bench/test_host_overhead.py, kernels stubbed), the custom op's eager dispatch
-costs more host time per forward+backward than `BatchNormFunction.apply` (figures in that file's docstring and
-the README); a layer of the MNIST model computes for ~3 us on a GPU, so host time is the step time there.
+  and `batch_norm` below copies them into the buffers in place.
+Both take the same inputs in the same order (`BatchNormInputs`, the protocol written out once), so `_save` and
+`_backward` are literally the same functions for both (the op's `_setup_context` marks its extra outputs and
+calls `_save`; the Function returns y alone). Why keep the eager Function at all: measured on this project's CPU
+(launches recorded), the custom op's eager dispatch costs about twice the host time per forward+backward of
+`BatchNormFunction.apply` (the README's "Host time"); a layer of the MNIST model computes for ~3 us on a GPU, so
+host time is the step time there.
 
 Rules the op schemas follow: custom_op cannot return None, so "no such tensor" is a 0-element tensor (the
 new running stats without buffers, save_mean/save_rstd in eval, gradients not asked for); outputs alias

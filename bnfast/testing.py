@@ -9,7 +9,12 @@ column: one launch per direction) or "split" (partials + finalize + elementwise 
 Meant for tests and benchmarks (this repo's and yours): a forced "single" plan on a tensor whose column does
 not fit a tile may compile huge tiles. Not thread-safe: it sets a module-level override of the launchers.
 
-Imports: bnfast.kernels.launch.
+`standin_driver()`: Triton's real launch path on CPU tensors with a driver that reports an sm_90 target, loads
+nothing and records what its launcher is handed (host-time benchmark, direct-launch tests; kernels compiled, not
+interpreted). `record_launches()`: bnfast's launches recorded, Triton not reached at all.
+
+Imports: torch, triton (the stand-in driver), bnfast.kernels.launch, bnfast.functional (its CPU routing, switched
+by the stand-in driver).
 """
 
 import contextlib

@@ -39,14 +39,15 @@ raises a ValueError before any state changes, as torch raises for it.
 Not covered: double backward (`once_differentiable`), functorch transforms, and torch.compile, which runs the
 synced forward eagerly (`torch.compiler.disable`: a graph break, as torch's own SyncBatchNorm has).
 
-Imports: torch, torch.distributed, bnfast.activations, bnfast.functional, bnfast.kernels.launch.
+Imports: torch, torch.distributed, bnfast.activations, bnfast.functional, bnfast.ops (the torch-op math shared
+with the backward's slow path), bnfast.kernels.launch.
 """
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import functional
+from . import functional, ops
 from .activations import Activation
 from .kernels import launch
 
@@ -170,7 +171,8 @@ def _channel_rows(t: torch.Tensor, acc) -> torch.Tensor:
 
 
 class _TorchStages:
-    """The same stages in torch ops, for CPU tensors without the interpreter (same math, same partials)."""
+    """The same stages in torch ops, for CPU tensors without the interpreter (same math, same partials; the
+    normalisation and g = dy * act'(z) are ops' torch-op helpers, which the backward's slow path uses too)."""
 
     @staticmethod
     def local_stats(x, x3, cfg):
@@ -204,23 +206,14 @@ class _TorchStages:
         return mean, torch.rsqrt(var + eps)
 
     @staticmethod
-    def _xhat_z(x, weight, bias, mean, rstd):
-        acc = mean.dtype
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        w = weight.to(acc) if weight is not None else torch.ones_like(mean)
-        b = bias.to(acc) if bias is not None else torch.zeros_like(mean)
-        xhat = (x.to(acc) - mean.view(shape)) * rstd.view(shape)
-        return xhat, xhat * w.view(shape) + b.view(shape), w, shape
-
-    @staticmethod
     def normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act):
-        _, z, _, _ = _TorchStages._xhat_z(x, weight, bias, mean, rstd)
+        _, z, _, _ = ops.torch_pre_activation(x, weight, bias, mean, rstd)
         y.copy_(act.apply(z))
 
     @staticmethod
     def grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act):
-        xhat, z, _, _ = _TorchStages._xhat_z(x, weight, bias, mean, rstd)
-        g = dy.to(mean.dtype) * act.derivative(z)
+        xhat, z, _, _ = ops.torch_pre_activation(x, weight, bias, mean, rstd)
+        g = ops.torch_grad(dy, z, act)
         dims = [0, *range(2, x.dim())]
         sums = torch.stack([g.sum(dims), (g * xhat).sum(dims)])
         if dw is not None:
@@ -231,8 +224,8 @@ class _TorchStages:
 
     @staticmethod
     def grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, mean_sums, cfg, act):
-        xhat, z, w, shape = _TorchStages._xhat_z(x, weight, bias, mean, rstd)
-        g = dy.to(mean.dtype) * act.derivative(z)
+        xhat, z, w, shape = ops.torch_pre_activation(x, weight, bias, mean, rstd)
+        g = ops.torch_grad(dy, z, act)
         dx.copy_((w * rstd).view(shape) * (g - mean_sums[0].view(shape) - xhat * mean_sums[1].view(shape)))
 
 

@@ -200,6 +200,26 @@ def _is_functorch(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 
+def torch_pre_activation(x, weight, bias, mean, rstd, residual=None):
+    """The forward's math in torch ops, in ACC = mean.dtype: (xhat, z, w, shape) with z = xhat * w + b [+ residual]
+    and `shape` the (1, C, 1, ...) view of a channel vector. Shared by the slow paths (`_backward_torch`, and
+    bnfast.distributed's torch-op stages)."""
+    acc = mean.dtype
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
+    b = bias.to(acc) if bias is not None else torch.zeros_like(mean)
+    xhat = (x.to(acc) - mean.view(shape)) * rstd.view(shape)
+    z = xhat * w.view(shape) + b.view(shape)
+    if residual is not None:
+        z = z + residual.to(acc)
+    return xhat, z, w, shape
+
+
+def torch_grad(dy, z, act: Activation):
+    """g = dy * act'(z) in z's dtype (ACC): what every backward stage starts from."""
+    return dy.to(z.dtype) * act.derivative(z)
+
+
 def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param, needs):
     """The backward's math in differentiable torch ops (the slow path; see the module docstring). In training,
     mean and rstd are recomputed from x so that a second derivative sees their dependence on x."""
@@ -212,13 +232,8 @@ def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, ac
         rstd = torch.rsqrt(xa.var(dims, correction=0) + eps)
     else:
         mean, rstd = mean.to(acc), torch.rsqrt(stat.to(acc) + eps)
-    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
-    b = bias.to(acc) if bias is not None else torch.zeros_like(mean)
-    xhat = (xa - mean.view(shape)) * rstd.view(shape)
-    z = xhat * w.view(shape) + b.view(shape)
-    if residual is not None:
-        z = z + residual.to(acc)
-    g = dya * Activation(activation, act_param).derivative(z)
+    xhat, z, w, _ = torch_pre_activation(xa, weight, bias, mean, rstd, residual)
+    g = torch_grad(dya, z, Activation(activation, act_param))
     sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
     dx = dw = db = dr = None
     if needs[0]:

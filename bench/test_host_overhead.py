@@ -66,10 +66,10 @@ def _floor_function(torch, outputs: int):
     return _AllocateOnly
 
 
-# the floors: (inputs, outputs) of an allocate-only autograd.Function. The entry's own (ops.BatchNormFunction: the
-# protocol's inputs, y alone), the entry before (13 inputs, y + mean + rstd), and the fewest a BN entry could take
-# (x, weight, bias and one object for the rest)
-FLOORS = {"autograd-floor": None, "floor-13in-3out": (13, 3), "floor-4in-1out": (4, 1)}
+# the floors: allocate-only autograd.Functions called with: the eager entry's inputs (ops.BatchNormFunction:
+# x, weight, bias, residual, one tuple) and y alone; the entry before (13 inputs, y + mean + rstd); and 4 inputs
+# (x, weight, bias, one object), y alone
+FLOORS = ("autograd-floor", "floor-13in-3out", "floor-4in-1out")
 
 
 def measure(rounds: int, iterations: int) -> dict:
@@ -92,8 +92,7 @@ def measure(rounds: int, iterations: int) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     driver = contextlib.nullcontext() if cuda else testing.standin_driver()
-    inputs = getattr(bnfast.ops, "ENTRY_INPUTS", 13)  # the eager autograd entry's input count
-    floors = {name: shape or (inputs, 1) for name, shape in FLOORS.items()}
+    inputs = getattr(bnfast.ops, "EAGER_INPUTS", 13)  # the eager autograd entry's input count
     out = {"versions": {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]},
            "device": "cuda" if cuda else "cpu, stand-in driver (sm_90)", "floor_inputs": inputs,
            "us": {m: {} for m in MODES}, "launches": {}}  # fmt: skip
@@ -106,18 +105,24 @@ def measure(rounds: int, iterations: int) -> dict:
         spec = object()  # stands for everything but x, weight and bias
         full = (x, w, b, rm, rv, None, True, 0.1, False, 1e-5, "relu", 0.0, None)
 
-        def floor_forward(n_inputs, n_outputs):
+        def floor_forward(args, n_outputs):
             function = _floor_function(torch, n_outputs)
-            args = full[:n_inputs] if n_inputs > 4 else (x, w, b, spec)
             if n_outputs == 1:
                 return lambda x: function.apply(*args)
             return lambda x: function.apply(*args)[0]
+
+        eager_args = (x, w, b, None, full) if inputs == 5 else full
+        floors = {
+            "autograd-floor": (eager_args, 1),
+            "floor-13in-3out": (full, 3),
+            "floor-4in-1out": ((x, w, b, spec), 1),
+        }
 
         def torch_forward(x):
             return F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
 
         forwards = {"bnfast": module, "bnfast-grid": module, "bnfast-own": module}
-        forwards.update({name: floor_forward(*shape) for name, shape in floors.items()})
+        forwards.update({name: floor_forward(*floors[name]) for name in FLOORS})
         forwards["torch"] = torch_forward
         with testing.record_launches() as log:
             module(x).backward(dy)
@@ -171,7 +176,7 @@ def format_table(result: dict) -> str:
         ("bnfast (module, Triton's launch included)", "bnfast"),
         ("bnfast, every launch through kernel[grid]", "bnfast-grid"),
         ("bnfast's own Python + torch (launches recorded)", "bnfast-own"),
-        (f"autograd floor: the entry's {result['floor_inputs']} inputs, y alone (allocation only)", "autograd-floor"),
+        (f"autograd floor: the eager entry's {result['floor_inputs']} inputs, y alone", "autograd-floor"),
         ("autograd floor: 13 inputs, y + mean + rstd (the entry before)", "floor-13in-3out"),
         ("autograd floor: 4 inputs (x, weight, bias, one object), y alone", "floor-4in-1out"),
         ("torch F.batch_norm + relu, computing", "torch"),

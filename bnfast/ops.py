@@ -72,8 +72,11 @@ class BatchNormInputs(NamedTuple):
     residual: Tensor | None = None
 
 
-ENTRY_INPUTS = len(BatchNormInputs._fields)
 _RESIDUAL = BatchNormInputs._fields.index("residual")  # the one input after the non-differentiable ones
+# the eager Function takes only what autograd must see: (x, weight, bias, residual, the BatchNormInputs tuple);
+# 13 inputs cost ~4 us more per forward+backward than 4 (bench/test_host_overhead.py's floors)
+EAGER_INPUTS = 5
+_EAGER_RESIDUAL = 3
 
 
 def _none(x: Tensor) -> Tensor:
@@ -157,11 +160,13 @@ def _setup_context(ctx, inputs, output):
     """The op's setup (register_autograd): `inputs` follow `BatchNormInputs`; `output` is the op's
     (y, save_mean, save_rstd, new running stats), all but y non-differentiable."""
     ctx.mark_non_differentiable(*output[1:])
-    _save(ctx, BatchNormInputs(*inputs), output[1], output[2])
+    _save(ctx, BatchNormInputs(*inputs), output[1], output[2], _RESIDUAL)
 
 
-def _save(ctx, i: BatchNormInputs, mean, rstd):
-    """Both entries: what the backward needs (see the module docstring)."""
+def _save(ctx, i: BatchNormInputs, mean, rstd, residual_index: int):
+    """Both entries: what the backward needs (see the module docstring); `residual_index` is the residual's
+    position among the entry's inputs (the op's 12, the eager Function's 3)."""
+    ctx.residual_index = residual_index
     kept_residual = i.residual if i.activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
     if i.training:
         ctx.save_for_backward(i.x, i.weight, i.bias, mean, rstd, kept_residual)
@@ -175,7 +180,8 @@ def _backward(ctx, dy, *_stat_grads):
     gets g = dy * act'(z) (dy itself without an activation)."""
     x, weight, bias, mean, stat, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    wants_dr = len(needs) > _RESIDUAL and needs[_RESIDUAL]
+    r = ctx.residual_index
+    wants_dr = len(needs) > r and needs[r]
     needs_dr = wants_dr and bool(ctx.activation)  # without an activation dresidual = dy: no kernel
     if torch.is_grad_enabled() or _is_functorch(dy) or torch._C._functorch.maybe_current_level() is not None:
         dx, dw, db, dr = _backward_torch(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
@@ -192,7 +198,11 @@ def _backward(ctx, dy, *_stat_grads):
         dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, mask, strict=True))
     if wants_dr and not ctx.activation:
         dr = dy
-    return dx, dw, db, *(None,) * (_RESIDUAL - 3), *((dr,) if len(needs) > _RESIDUAL else ())
+    grads = [None] * len(needs)  # none for the buffers, the scalars, the eager entry's inputs tuple
+    grads[:3] = dx, dw, db
+    if len(needs) > r:
+        grads[r] = dr
+    return tuple(grads)
 
 
 def _is_functorch(t: Tensor) -> bool:
@@ -253,9 +263,10 @@ def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, ac
 
 # --------------------------------------------------------------------------------------------- eager entry
 class BatchNormFunction(torch.autograd.Function):
-    """The eager entry (see the module docstring): the running stats are updated in place by the kernel; returns
-    y alone (mean and rstd are only saved: two more outputs cost ~4 us of autograd bookkeeping per
-    forward+backward, measured with bench/test_host_overhead.py's floor, where 13 inputs cost no more than 5).
+    """The eager entry (see the module docstring): the running stats are updated in place by the kernel. It takes
+    only what autograd must see (x, weight, bias, residual; the rest rides in one tuple) and returns y alone (mean
+    and rstd are only saved): per forward+backward, 13 inputs instead of 4 cost ~4 us and 3 outputs instead of 1
+    ~3 us of torch's autograd bookkeeping (bench/test_host_overhead.py's floors).
 
     forward(ctx, ...) saves through `_save` itself rather than declaring a `setup_context` staticmethod: with a
     separate setup_context, `Function.apply` binds the arguments through `inspect.signature` on every call
@@ -265,14 +276,15 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, x, weight, bias, residual, inputs):
+        """x, weight, bias and the residual (what gets gradients), then all the `BatchNormInputs` as a tuple."""
         i = BatchNormInputs(*inputs)
         y, mean, rstd = launch.bn_fwd(
             i.x, i.weight, i.bias, i.running_mean, i.running_var, i.num_batches_tracked, training=i.training,
             momentum=i.momentum, cumulative=i.cumulative, eps=i.eps, activation=i.activation, act_param=i.act_param,
             residual=i.residual,
         )  # fmt: skip
-        _save(ctx, i, mean, rstd)
+        _save(ctx, i, mean, rstd, _EAGER_RESIDUAL)
         return y
 
     backward = staticmethod(_backward)
@@ -293,7 +305,8 @@ def batch_norm(*inputs, traced: bool | None = None) -> Tensor:
     if traced is None:
         traced = is_traced(inputs[0])
     if not traced:
-        return BatchNormFunction.apply(*inputs)
+        residual = inputs[_RESIDUAL] if len(inputs) > _RESIDUAL else None
+        return BatchNormFunction.apply(inputs[0], inputs[1], inputs[2], residual, inputs)
     y, _, _, new_mean, new_var = batch_norm_op(*inputs)
     i = BatchNormInputs(*inputs)
     if i.training and i.running_mean is not None:

@@ -157,8 +157,8 @@ def _meta_input(shape, layout, dtype):
 
 def _record_sync_stages(launch, x, mean, rstd, world=3):
     """SyncBatchNorm's forward stages on meta tensors (bnfast/distributed.py): what only it launches."""
-    x3 = launch.as_ncs(x)
-    part, shift = launch.stats_partial(x3, launch.config_for(x3, 2 if x.dtype == torch.float64 else 1, split=True))
+    x3, cfg = launch.prepare(x, widen=2 if x.dtype == torch.float64 else 1, split=True)  # as distributed.py does
+    part, shift = launch.stats_partial(x3, cfg)
     gathered = torch.empty((world, 4, x3.C), dtype=part.dtype, device=x.device)
     launch.stats_merge(part, shift, out=gathered[0])
     launch.stats_finalize(gathered.transpose(0, 1)[:3], gathered[:, 3], mean, rstd, None, None, eps=1e-5,

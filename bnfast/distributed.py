@@ -39,14 +39,15 @@ raises a ValueError before any state changes, as torch raises for it.
 Not covered: double backward (`once_differentiable`), functorch transforms, and torch.compile, which runs the
 synced forward eagerly (`torch.compiler.disable`: a graph break, as torch's own SyncBatchNorm has).
 
-Imports: torch, torch.distributed, bnfast.activations, bnfast.functional, bnfast.kernels.launch.
+Imports: torch, torch.distributed, bnfast.activations, bnfast.functional, bnfast.ops (the torch-op math shared
+with the backward's slow path), bnfast.kernels.launch.
 """
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import functional
+from . import functional, ops
 from .activations import Activation
 from .kernels import launch
 
@@ -172,7 +173,8 @@ def _channel_rows(t: torch.Tensor, acc) -> torch.Tensor:
 
 
 class _TorchStages:
-    """The same stages in torch ops, for CPU tensors without the interpreter (same math, same partials)."""
+    """The same stages in torch ops, for CPU tensors without the interpreter (same math, same partials; the
+    normalisation and g = dy * act'(z) are ops' torch-op helpers, which the backward's slow path uses too)."""
 
     @staticmethod
     def local_stats(x, x3, cfg):
@@ -206,23 +208,14 @@ class _TorchStages:
         return mean, torch.rsqrt(var + eps)
 
     @staticmethod
-    def _xhat_z(x, weight, bias, mean, rstd):
-        acc = mean.dtype
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        w = weight.to(acc) if weight is not None else torch.ones_like(mean)
-        b = bias.to(acc) if bias is not None else torch.zeros_like(mean)
-        xhat = (x.to(acc) - mean.view(shape)) * rstd.view(shape)
-        return xhat, xhat * w.view(shape) + b.view(shape), w, shape
-
-    @staticmethod
     def normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act):
-        _, z, _, _ = _TorchStages._xhat_z(x, weight, bias, mean, rstd)
+        _, z, _, _ = ops.torch_pre_activation(x, weight, bias, mean, rstd)
         y.copy_(act.apply(z))
 
     @staticmethod
     def grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act):
-        xhat, z, _, _ = _TorchStages._xhat_z(x, weight, bias, mean, rstd)
-        g = dy.to(mean.dtype) * act.derivative(z)
+        xhat, z, _, _ = ops.torch_pre_activation(x, weight, bias, mean, rstd)
+        g = ops.torch_grad(dy, z, act)
         dims = [0, *range(2, x.dim())]
         sums = torch.stack([g.sum(dims), (g * xhat).sum(dims)])
         if dw is not None:
@@ -233,8 +226,8 @@ class _TorchStages:
 
     @staticmethod
     def grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, mean_sums, cfg, act):
-        xhat, z, w, shape = _TorchStages._xhat_z(x, weight, bias, mean, rstd)
-        g = dy.to(mean.dtype) * act.derivative(z)
+        xhat, z, w, shape = ops.torch_pre_activation(x, weight, bias, mean, rstd)
+        g = ops.torch_grad(dy, z, act)
         dx.copy_((w * rstd).view(shape) * (g - mean_sums[0].view(shape) - xhat * mean_sums[1].view(shape)))
 
 
@@ -244,10 +237,10 @@ def local_partials(x: torch.Tensor) -> torch.Tensor:
     acc = launch.acc_dtype(x.dtype)
     if x.numel() == 0:
         return torch.zeros((4, x.shape[1]), dtype=acc, device=x.device)
-    x3 = launch.as_ncs(x, launch.is_transposed_2d(x))
     if not functional.uses_triton(x):
-        return _TorchStages.local_stats(x, x3, None)
-    return _KernelStages.local_stats(x, x3, launch.config_for(x3, launch.register_widening(acc), split=True))
+        return _TorchStages.local_stats(x, None, None)
+    x3, cfg = launch.prepare(x, widen=launch.register_widening(acc), split=True)
+    return _KernelStages.local_stats(x, x3, cfg)
 
 
 # ------------------------------------------------------------------------------------------------- autograd
@@ -264,9 +257,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         acc = launch.acc_dtype(x.dtype)
         C = x.shape[1]
         y = launch.new_output(x)
-        transposed = launch.is_transposed_2d(x)
-        x3, y3 = launch.as_ncs(x, transposed), launch.as_ncs(y, transposed)
-        cfg = launch.config_for(x3, launch.register_widening(acc), split=True)
+        x3, y3, cfg = launch.prepare(x, y, widen=launch.register_widening(acc), split=True)
         if x.numel():
             local = stages.local_stats(x, x3, cfg)
         else:  # no samples here: count 0, which every merge skips; the collective still needs this rank
@@ -289,9 +280,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
         stages, act = ctx.stages, ctx.act
         dx, dw, db = launch.backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))[:3]
-        transposed = launch.is_transposed_2d(x)
-        x3, dy3 = launch.as_ncs(x, transposed), launch.as_ncs(dy, transposed)
-        cfg = launch.config_for(x3, launch.register_widening(mean.dtype, act.name, backward=True), split=True)
+        widen = launch.register_widening(mean.dtype, act.name, backward=True)
+        x3, dy3, dx3, cfg = launch.prepare(x, dy, dx, widen=widen, split=True)
         if x.numel():
             sums = stages.grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act)
         else:  # this rank's sums are 0, and so are its dweight and dbias
@@ -303,7 +293,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(sums, group=ctx.group)
             sums /= _global_count(rows)  # means over the global batch, on device: grad_input's count is 1
             if x.numel():
-                dx3 = launch.as_ncs(dx, transposed)
                 stages.grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, sums, cfg, act)
         # one gradient per input: x, weight, bias; none for the buffers, the scalars, the group
         return dx, dw, db, *(None,) * 10

@@ -11,9 +11,9 @@ every dtype and stride torch accepts).
 Routing, per call:
 - Triton kernels when `uses_triton(x)`: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before
   bnfast was imported (Triton's interpreter: slow, exact, how CI tests the kernels).
-  - eager: `ops.BatchNormFunction` (running stats updated in place by the kernel);
-  - torch.compile / torch.export / fake tensors: the `bnfast::batch_norm` op (functional), whose new running
-    stats are then copied into the buffers in place, so both update the same tensor objects.
+  `ops.batch_norm` then picks the entry: eager, `ops.BatchNormFunction` (running stats updated in place by the
+  kernel); torch.compile / torch.export / fake tensors, the `bnfast::batch_norm` op (functional), whose new
+  running stats it copies into the buffers in place, so both update the same tensor objects.
 - torch's own `F.batch_norm` + the activation's torch op (same semantics) otherwise: CPU tensors without
   the interpreter, empty inputs (torch defines their outputs), functorch transforms (vmap/grad/jacrev: their
   wrapped tensors have no storage for a kernel to read), and torch.jit.trace (which records torch ops).
@@ -23,7 +23,6 @@ Imports: torch, bnfast.activations, bnfast.ops, bnfast.kernels.launch (is_interp
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
 from . import ops  # registers the bnfast:: ops on import, so torch.export.load finds them after `import bnfast`
 from .activations import Activation, resolve_activation
@@ -39,12 +38,7 @@ def uses_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (_INTERPRETED and x.device.type == "cpu")
 
 
-def _is_traced(x: torch.Tensor) -> bool:
-    """True under torch.compile / torch.export, or for fake tensors (FakeTensorMode, make_fx): then the kernels
-    are reached through the `bnfast::` op, which torch can trace."""
-    if torch.compiler.is_compiling():
-        return True
-    return type(x) is not torch.Tensor and is_fake(x)  # the type test keeps plain eager tensors cheap
+_is_traced = ops.is_traced
 
 
 def _needs_torch_ops() -> bool:
@@ -197,18 +191,8 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
     if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()) or residual_by_torch:
         return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative,
                                  num_batches_tracked, eps, act, residual)  # fmt: skip
-    if traced:
-        y, _, _, new_mean, new_var = ops.batch_norm_op(x, weight, bias, running_mean, running_var,
-                                                       num_batches_tracked if cumulative else None, training,
-                                                       factor, cumulative, eps, act.name, act.param,
-                                                       residual)  # fmt: skip
-        if training and running_mean is not None:
-            with torch.no_grad():  # in place: modules, DDP and optimizers hold these very tensors
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
-        return y
-    return ops.BatchNormFunction.apply(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                       factor, cumulative, eps, act.name, act.param, residual)[0]  # fmt: skip
+    return ops.batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked if cumulative else None,
+                          training, factor, cumulative, eps, act.name, act.param, residual, traced=traced)  # fmt: skip
 
 
 def _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative, nbt, eps,

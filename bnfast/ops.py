@@ -15,12 +15,13 @@ Two entries, one implementation:
 - The `bnfast::` torch.library ops are what torch.compile / torch.export / fake tensors see (traceable, no
   graph break). No op mutates its inputs (PyTorch refuses autograd for mutating custom ops), so the op's
   forward is functional like aten's `_native_batch_norm_legit_functional`: it returns the new running stats
-  and `bnfast.functional` copies them into the buffers in place.
-Both take the same inputs in the same order, so `_setup_context` and `_backward` are literally the same
-functions for both (`register_autograd` and the Function's staticmethods). Why keep the eager Function at all:
-measured on this project's CPU (bench/test_host_overhead.py, kernels stubbed), the custom op's eager dispatch
-costs more host time per forward+backward than `BatchNormFunction.apply` (figures in that file's docstring and
-the README); a layer of the MNIST model computes for ~3 us on a GPU, so host time is the step time there.
+  and `batch_norm` below copies them into the buffers in place.
+Both take the same inputs in the same order (`BatchNormInputs`, the protocol written out once), so `_save` and
+`_backward` are literally the same functions for both (the op's `_setup_context` marks its extra outputs and
+calls `_save`; the Function returns y alone). Why keep the eager Function at all: measured on this project's CPU
+(launches recorded), the custom op's eager dispatch costs about twice the host time per forward+backward of
+`BatchNormFunction.apply` (the README's "Host time"); a layer of the MNIST model computes for ~3 us on a GPU, so
+host time is the step time there.
 
 Rules the op schemas follow: custom_op cannot return None, so "no such tensor" is a 0-element tensor (the
 new running stats without buffers, save_mean/save_rstd in eval, gradients not asked for); outputs alias
@@ -35,14 +36,47 @@ The backward has two paths:
   gradients (`is_grads_batched=True`, gradcheck's batched check: functorch tensors the kernels cannot read).
   This is the slow path: a few torch ops per layer, float32 (float64 for float64) like the kernels.
 
+The eager-vs-traced choice and the running-stat copy-back live here too (`batch_norm`, `is_traced`), so that
+`bnfast.functional` only checks and routes (kernels or torch).
+
 Imports: torch, bnfast.activations, bnfast.kernels.launch.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .activations import Activation
 from .kernels import launch
+
+
+class BatchNormInputs(NamedTuple):
+    """The inputs of `bnfast::batch_norm` and of `BatchNormFunction`, in this order: the op protocol, named once
+    (the op's schema is checked against it in tests/test_compile.py; the fake, `_save`, `_backward` and the
+    host-time benchmark's floor read it)."""
+
+    x: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    training: bool
+    momentum: float
+    cumulative: bool
+    eps: float
+    activation: str
+    act_param: float
+    residual: Tensor | None = None
+
+
+_RESIDUAL = BatchNormInputs._fields.index("residual")  # the one input after the non-differentiable ones
+# the eager Function takes only what autograd must see: (x, weight, bias, residual, the BatchNormInputs tuple);
+# 13 inputs cost ~4 us more per forward+backward than 4 (bench/test_host_overhead.py's floors)
+EAGER_INPUTS = 5
+_EAGER_RESIDUAL = 3
 
 
 def _none(x: Tensor) -> Tensor:
@@ -85,9 +119,9 @@ def batch_norm_op(
 
 
 @batch_norm_op.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, cumulative, eps,
-      activation, act_param, residual=None):  # fmt: skip
-    return (*launch.forward_outputs(x, training), *_new_running(x, running_mean, running_var, training))
+def _(*args, **kwargs):
+    i = BatchNormInputs(*args, **kwargs)
+    return (*launch.forward_outputs(i.x, i.training), *_new_running(i.x, i.running_mean, i.running_var, i.training))
 
 
 @torch.library.custom_op("bnfast::batch_norm_backward", mutates_args=())
@@ -123,18 +157,22 @@ def _(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_
 
 # -------------------------------------------------------------------------------- shared setup and backward
 def _setup_context(ctx, inputs, output):
-    """Both entries: inputs are (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-    momentum, cumulative, eps, activation, act_param, residual); output starts with (y, save_mean, save_rstd)."""
-    x, weight, bias, running_mean, running_var, _, training, _, _, eps, activation, act_param = inputs[:12]
-    residual = inputs[12] if len(inputs) > 12 else None  # the op's last argument has a default
-    _, mean, rstd = output[:3]
+    """The op's setup (register_autograd): `inputs` follow `BatchNormInputs`; `output` is the op's
+    (y, save_mean, save_rstd, new running stats), all but y non-differentiable."""
     ctx.mark_non_differentiable(*output[1:])
-    kept_residual = residual if activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
-    if training:
-        ctx.save_for_backward(x, weight, bias, mean, rstd, kept_residual)
+    _save(ctx, BatchNormInputs(*inputs), output[1], output[2], _RESIDUAL)
+
+
+def _save(ctx, i: BatchNormInputs, mean, rstd, residual_index: int):
+    """Both entries: what the backward needs (see the module docstring); `residual_index` is the residual's
+    position among the entry's inputs (the op's 12, the eager Function's 3)."""
+    ctx.residual_index = residual_index
+    kept_residual = i.residual if i.activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
+    if i.training:
+        ctx.save_for_backward(i.x, i.weight, i.bias, mean, rstd, kept_residual)
     else:  # eval: the running stats are constants of the backward
-        ctx.save_for_backward(x, weight, bias, running_mean, running_var, kept_residual)
-    ctx.training, ctx.eps, ctx.activation, ctx.act_param = training, eps, activation, act_param
+        ctx.save_for_backward(i.x, i.weight, i.bias, i.running_mean, i.running_var, kept_residual)
+    ctx.training, ctx.eps, ctx.activation, ctx.act_param = i.training, i.eps, i.activation, i.act_param
 
 
 def _backward(ctx, dy, *_stat_grads):
@@ -142,7 +180,8 @@ def _backward(ctx, dy, *_stat_grads):
     gets g = dy * act'(z) (dy itself without an activation)."""
     x, weight, bias, mean, stat, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    wants_dr = len(needs) > 12 and needs[12]
+    r = ctx.residual_index
+    wants_dr = len(needs) > r and needs[r]
     needs_dr = wants_dr and bool(ctx.activation)  # without an activation dresidual = dy: no kernel
     if torch.is_grad_enabled() or _is_functorch(dy) or torch._C._functorch.maybe_current_level() is not None:
         dx, dw, db, dr = _backward_torch(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
@@ -159,12 +198,36 @@ def _backward(ctx, dy, *_stat_grads):
         dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, mask, strict=True))
     if wants_dr and not ctx.activation:
         dr = dy
-    return dx, dw, db, *(None,) * 9, *((dr,) if len(needs) > 12 else ())
+    grads = [None] * len(needs)  # none for the buffers, the scalars, the eager entry's inputs tuple
+    grads[:3] = dx, dw, db
+    if len(needs) > r:
+        grads[r] = dr
+    return tuple(grads)
 
 
 def _is_functorch(t: Tensor) -> bool:
     """A functorch wrapper, or a legacy BatchedTensor (what `is_grads_batched=True` feeds the backward)."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def torch_pre_activation(x, weight, bias, mean, rstd, residual=None):
+    """The forward's math in torch ops, in ACC = mean.dtype: (xhat, z, w, shape) with z = xhat * w + b [+ residual]
+    and `shape` the (1, C, 1, ...) view of a channel vector. Shared by the slow paths (`_backward_torch`, and
+    bnfast.distributed's torch-op stages)."""
+    acc = mean.dtype
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
+    b = bias.to(acc) if bias is not None else torch.zeros_like(mean)
+    xhat = (x.to(acc) - mean.view(shape)) * rstd.view(shape)
+    z = xhat * w.view(shape) + b.view(shape)
+    if residual is not None:
+        z = z + residual.to(acc)
+    return xhat, z, w, shape
+
+
+def torch_grad(dy, z, act: Activation):
+    """g = dy * act'(z) in z's dtype (ACC): what every backward stage starts from."""
+    return dy.to(z.dtype) * act.derivative(z)
 
 
 def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param, needs):
@@ -179,13 +242,8 @@ def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, ac
         rstd = torch.rsqrt(xa.var(dims, correction=0) + eps)
     else:
         mean, rstd = mean.to(acc), torch.rsqrt(stat.to(acc) + eps)
-    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
-    b = bias.to(acc) if bias is not None else torch.zeros_like(mean)
-    xhat = (xa - mean.view(shape)) * rstd.view(shape)
-    z = xhat * w.view(shape) + b.view(shape)
-    if residual is not None:
-        z = z + residual.to(acc)
-    g = dya * Activation(activation, act_param).derivative(z)
+    xhat, z, w, _ = torch_pre_activation(xa, weight, bias, mean, rstd, residual)
+    g = torch_grad(dya, z, Activation(activation, act_param))
     sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
     dx = dw = db = dr = None
     if needs[0]:
@@ -205,26 +263,57 @@ def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, ac
 
 # --------------------------------------------------------------------------------------------- eager entry
 class BatchNormFunction(torch.autograd.Function):
-    """The eager entry (see the module docstring): the running stats are updated in place by the kernel.
+    """The eager entry (see the module docstring): the running stats are updated in place by the kernel. It takes
+    only what autograd must see (x, weight, bias, residual; the rest rides in one tuple) and returns y alone (mean
+    and rstd are only saved): per forward+backward, 13 inputs instead of 4 cost ~4 us and 3 outputs instead of 1
+    ~3 us of torch's autograd bookkeeping (bench/test_host_overhead.py's floors).
 
-    forward(ctx, ...) calls `_setup_context` itself rather than declaring it as the `setup_context`
-    staticmethod: with a separate setup_context, `Function.apply` binds the arguments through
-    `inspect.signature` on every call (about a fifth of bnfast's host time per layer, measured with
-    bench/test_host_overhead.py). functorch transforms, which would need the separate form, never reach this
-    class: `bnfast.functional` routes their tensors to torch's own batch_norm.
+    forward(ctx, ...) saves through `_save` itself rather than declaring a `setup_context` staticmethod: with a
+    separate setup_context, `Function.apply` binds the arguments through `inspect.signature` on every call
+    (about a fifth of bnfast's host time per layer, measured with bench/test_host_overhead.py). functorch
+    transforms, which would need the separate form, never reach this class: `bnfast.functional` routes their
+    tensors to torch's own batch_norm.
     """
 
     @staticmethod
-    def forward(ctx, *inputs):
-        x, weight, bias, rm, rv, nbt, training, momentum, cumulative, eps, activation, param, residual = inputs
-        output = launch.bn_fwd(
-            x, weight, bias, rm, rv, nbt, training=training, momentum=momentum, cumulative=cumulative, eps=eps,
-            activation=activation, act_param=param, residual=residual,
+    def forward(ctx, x, weight, bias, residual, inputs):
+        """x, weight, bias and the residual (what gets gradients), then all the `BatchNormInputs` as a tuple."""
+        i = BatchNormInputs(*inputs)
+        y, mean, rstd = launch.bn_fwd(
+            i.x, i.weight, i.bias, i.running_mean, i.running_var, i.num_batches_tracked, training=i.training,
+            momentum=i.momentum, cumulative=i.cumulative, eps=i.eps, activation=i.activation, act_param=i.act_param,
+            residual=i.residual,
         )  # fmt: skip
-        _setup_context(ctx, inputs, output)
-        return output
+        _save(ctx, i, mean, rstd, _EAGER_RESIDUAL)
+        return y
 
     backward = staticmethod(_backward)
+
+
+def is_traced(x: Tensor) -> bool:
+    """True under torch.compile / torch.export, or for fake tensors (FakeTensorMode, make_fx): then the kernels
+    are reached through the `bnfast::` op, which torch can trace."""
+    if torch.compiler.is_compiling():
+        return True
+    return type(x) is not torch.Tensor and is_fake(x)  # the type test keeps plain eager tensors cheap
+
+
+def batch_norm(*inputs, traced: bool | None = None) -> Tensor:
+    """y for `BatchNormInputs` through the kernels: the eager Function (running stats updated in place by the
+    kernel), or when traced (`is_traced(x)`, computed here when not given) the functional op, whose new running
+    stats are then copied into the buffers in place, so both entries update the same tensor objects."""
+    if traced is None:
+        traced = is_traced(inputs[0])
+    if not traced:
+        residual = inputs[_RESIDUAL] if len(inputs) > _RESIDUAL else None
+        return BatchNormFunction.apply(inputs[0], inputs[1], inputs[2], residual, inputs)
+    y, _, _, new_mean, new_var = batch_norm_op(*inputs)
+    i = BatchNormInputs(*inputs)
+    if i.training and i.running_mean is not None:
+        with torch.no_grad():  # in place: modules, DDP and optimizers hold these very tensors
+            i.running_mean.copy_(new_mean)
+            i.running_var.copy_(new_var)
+    return y
 
 
 batch_norm_op.register_autograd(_backward, setup_context=_setup_context)

@@ -35,6 +35,12 @@ from this repo's `../shared/data/MNIST/raw` (md5-checked against torchvision's l
 network); else torchvision's download (with `--download`, the default). If none works, the script exits with
 one message naming the folders it searched and which files to put where.
 
+CUDA graphs (`--cuda-graphs`, CUDA only; without CUDA the script exits with a message): every model's whole
+training step (forward, loss, backward, Adam with capturable=True) is captured once in a CUDA graph and replayed
+per batch (`GraphedStep`), so the timings compare kernels rather than Python. The capture's warm-up steps run
+inside `training_state_kept`: weights, running stats and Adam's state are restored afterwards, so no step is
+taken that the eager run would not take.
+
 Progress: in a terminal, a tqdm bar per epoch; always one line per epoch when its training ends (steps, seconds
 per model), then the evaluation lines, so a log (stdout not a TTY: no bars) still shows each epoch.
 
@@ -45,8 +51,10 @@ titled with the dataset, the device and bnfast's backend, one marker per epoch o
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -130,6 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recalibrate", action="store_true",
                         help="after training, set each BN model's running stats to the exact statistics of the "
                         "training split (bnfast.recalibrate) and report test accuracy before and after")  # fmt: skip
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA: every model's whole training step (forward, loss, backward, Adam step) "
+                             "captured in a CUDA graph, replayed per batch: times kernels, not Python")  # fmt: skip
     parser.add_argument("--out", type=Path, help="output folder (default: runs/mnist-<timestamp>)")
     args = parser.parse_args(argv)
     for option in ("epochs", "batch_size", "hidden", "limit_train", "limit_test"):
@@ -323,6 +334,70 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss.detach()
 
 
+@contextlib.contextmanager
+def training_state_kept(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Inside the block, train as much as needed (warm-up steps before a capture); on exit the model's parameters
+    and buffers (BatchNorm's running stats and num_batches_tracked) hold their values from before the block again,
+    copied back into the same tensors (a captured graph keeps their addresses), and an optimizer that had no state
+    before the block gets its state zeroed: Adam's own initial state (exp_avg = exp_avg_sq = 0, step 0)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    saved = [t.detach().clone() for t in tensors]
+    fresh = not optimizer.state
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value in zip(tensors, saved, strict=True):
+                t.copy_(value)
+            if fresh:
+                for state in optimizer.state.values():
+                    for value in state.values():
+                        if isinstance(value, torch.Tensor):
+                            value.zero_()
+
+
+class GraphedStep:
+    """A model's whole training step (forward, cross-entropy, backward, optimizer step) captured once in a CUDA
+    graph and replayed per batch: `step(x, y)` copies the batch into the graph's static inputs, replays, and
+    returns the graph's loss tensor (read it before the next replay).
+
+    Capture needs warm-up steps on a side stream first (cuBLAS workspaces, the optimizer's lazily created state,
+    Triton's compile); they run inside `training_state_kept`, so weights, running stats and the optimizer start
+    from where they were: the graphed model trains on exactly the batches the eager one would. Needs an optimizer
+    made with capturable=True (Adam's step count then lives on the device)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 warmup_steps: int = 3):  # fmt: skip
+        self.x, self.y = x.clone(), y.clone()
+        with training_state_kept(model, optimizer):
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup_steps):
+                    train_step(model, optimizer, self.x, self.y)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, runs nothing
+                self.loss = F.cross_entropy(model(self.x), self.y)
+                self.loss.backward()
+                optimizer.step()
+        synchronize(x.device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.loss.detach()
+
+
+def make_steps(models, optimizers, batch, cuda_graphs: bool) -> dict:
+    """name -> step(x, y) -> loss: `train_step` eagerly, or a `GraphedStep` captured on `batch`."""
+    if cuda_graphs:
+        return {name: GraphedStep(model, optimizers[name], *batch) for name, model in models.items()}
+    return {name: functools.partial(train_step, model, optimizers[name]) for name, model in models.items()}
+
+
 def warm_up(model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor) -> None:
     """One step on a throwaway copy: compiles kernels and initialises CUDA without touching `model`."""
     scratch = copy.deepcopy(model)
@@ -355,8 +430,9 @@ def evaluate_all(models, train, test) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def train_epoch(models, optimizers, train, batch_size, generator, epoch) -> dict[str, dict[str, float]]:
-    """One epoch, every batch fed to each model in turn: name -> {train_time_s, steps_per_s, running_loss}.
+def train_epoch(models, steps, train, batch_size, generator, epoch) -> dict[str, dict[str, float]]:
+    """One epoch, every batch fed to each model in turn (`steps`: name -> step(x, y), see `make_steps`):
+    name -> {train_time_s, steps_per_s, running_loss}.
 
     A progress bar only in a terminal: in a log (stdout not a TTY) bars are noise; `print_training` reports
     each epoch there instead.
@@ -368,10 +444,10 @@ def train_epoch(models, optimizers, train, batch_size, generator, epoch) -> dict
     bars = sys.stdout.isatty()
     for index in tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not bars, file=sys.stdout):
         xb, yb = x[index], y[index]
-        for name, model in models.items():
+        for name, step in steps.items():
             synchronize(x.device)
             start = time.perf_counter()
-            loss = train_step(model, optimizers[name], xb, yb)
+            loss = step(xb, yb)
             synchronize(x.device)
             seconds[name] += time.perf_counter() - start
             loss_sums[name] += loss  # stays on the device: no sync outside the timed region
@@ -509,6 +585,9 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")  # fmt: skip
 
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit(f"--cuda-graphs: CUDA graphs capture GPU work, and this run's device is {device} "
+                         "(no CUDA device, or --device cpu)")  # fmt: skip
     (train_x, train_y), (test_x, test_y) = load_mnist(args.data_dir, args.download, device)
     train = (train_x[: args.limit_train], train_y[: args.limit_train])
     test = (test_x[: args.limit_test], test_y[: args.limit_test])
@@ -516,20 +595,23 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--limit-train {len(train[1])} is smaller than one batch ({args.batch_size})")
 
     models = build_models(args, device)
-    optimizers = {name: torch.optim.Adam(model.parameters(), lr=args.lr) for name, model in models.items()}
+    optimizers = {name: torch.optim.Adam(model.parameters(), lr=args.lr, capturable=args.cuda_graphs)
+                  for name, model in models.items()}  # fmt: skip
     backends = {name: bnfast_backend(device) if name == "bnfast" else "torch" for name in models}
     print(f"device {device_name(device)} | train {len(train[1])} test {len(test[1])} | backends "
           + ", ".join(f"{name}: {backend}" for name, backend in backends.items()), flush=True)  # fmt: skip
 
     for model in models.values():
         warm_up(model, args.lr, train[0][: args.batch_size], train[1][: args.batch_size])
+    steps = make_steps(models, optimizers, (train[0][: args.batch_size], train[1][: args.batch_size]),
+                       args.cuda_graphs)  # fmt: skip
     generator = torch.Generator().manual_seed(args.seed)
     initial = evaluate_all(models, train, test)
     print_epoch(0, initial)
     history = {name: [{"epoch": 0, **initial[name], "train_time_s": None, "steps_per_s": None,
                        "running_loss": None}] for name in models}  # fmt: skip
     for epoch in range(1, args.epochs + 1):
-        timings = train_epoch(models, optimizers, train, args.batch_size, generator, epoch)
+        timings = train_epoch(models, steps, train, args.batch_size, generator, epoch)
         print_training(epoch, args.epochs, timings, len(train[1]) // args.batch_size)
         metrics = evaluate_all(models, train, test)
         print_epoch(epoch, metrics)

@@ -18,6 +18,13 @@ tile's long axis from the strides: C when stride_c == 1 ((N, C), channels_last, 
 S otherwise (NCL, NCHW). The host path is lean on purpose (a layer of the MNIST model computes for ~3 us on a
 GPU): the configuration is memoised on plain integers, and nothing is allocated beyond outputs and workspace.
 
+Launching: every stage calls `_launch` with the kernel's arguments in signature order (pointers, integers,
+floats, constexprs). The first launch of a configuration goes through Triton's `kernel[grid](...)`
+(JITFunction.run: binding, specialisation key, cache, compile); later ones call the compiled kernel's launcher
+directly, keyed on everything Triton specialises on (see "direct launch" below; BNFAST_DIRECT_LAUNCH=0 or a Triton
+other than 3.6/3.8 turns it off; the interpreter always takes kernel[grid]). Triton launches on the current
+device: `_launch` makes the tensors' device current when it is not (one integer comparison otherwise).
+
 Tests and tools steer the plan through `bnfast.testing.force_plan` (it sets `PLAN_OVERRIDE`, which is part of
 the memoised configuration's key), and record launches by swapping the kernels on `kernels.batch_norm` (stages
 look them up there).
@@ -27,9 +34,13 @@ Imports: torch, triton, kernels.batch_norm, kernels.activations.
 
 import dataclasses
 import functools
+import inspect
+import operator
+import os
 from typing import NamedTuple
 
 import torch
+import triton
 import triton.language as tl
 
 from . import batch_norm as _k
@@ -53,7 +64,10 @@ PLAN_OVERRIDE: tuple[str, int | None] | None = None  # ("single" | "split", tile
 
 def is_interpreted() -> bool:
     """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-    return type(_k._bn_fwd_single_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
+
+
+_INTERPRETED = type(_k._bn_fwd_single_kernel).__name__ == "InterpretedFunction"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +258,21 @@ def config_for(x: Ncs, widen: int, split: bool = False) -> LaunchConfig:
     return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.get_device()), override)
 
 
+def prepare(x: torch.Tensor, *others: torch.Tensor | None, widen: int = 1, split: bool = False):
+    """(x3, *others3, cfg): x and the tensors indexed like it (y, dy, dx, the residual and its gradient; None
+    passes through) as (N, C, S) views, and the launch configuration, the one way every caller builds them
+    (bn_fwd, bn_bwd, the SyncBatchNorm stages, recalibrate, the kernel report). A transposed 2-D x decides the
+    view of all of them (`is_transposed_2d`); channels_last rows are merged when every view allows it
+    (`merge_rows`); `widen` and `split` are `config_for`'s."""
+    transposed = is_transposed_2d(x)
+    views = [as_ncs(x, transposed)]
+    for t in others:
+        views.append(as_ncs(t, transposed) if t is not None else None)
+    if views[0].sc == 1 and views[0].S > 1:  # channels_last: one dense row axis when every tensor allows it
+        views = merge_rows(*views)
+    return (*views, config_for(views[0], widen, split))
+
+
 def _stat_pair(like: torch.Tensor, C: int, dtype: torch.dtype):
     """mean and rstd on `like`'s device: two allocations, not rows of one (they are op outputs, which must not
     alias)."""
@@ -263,6 +292,139 @@ def _or(t, default):
     return t if t is not None else default
 
 
+# ---------------------------------------------------------------------------------------------- direct launch
+# After the first launch of a configuration through Triton's `kernel[grid](...)` (JITFunction.run: binding,
+# specialisation, cache lookup, compile), the compiled kernel's launcher is called directly on later launches of
+# the same configuration. The key holds everything Triton specialises on, or more: the kernel, the device index,
+# num_warps, every constexpr, every integer argument's exact value (which fixes its type, == 1 and divisibility
+# by 16), every pointer's dtype, and Triton's debug and instrumentation knobs; a launch whose pointers are not
+# all 16-byte aligned (Triton specialises on that too) always goes through `kernel[grid]`, and so does any launch
+# while a launch hook is set. Float arguments are annotated tl.float64 in every kernel: Triton does not
+# specialise on them. The launcher gets exactly the arguments JITFunction.run gives it (tests/test_direct_launch.py
+# compares them through the stand-in driver of bnfast.testing).
+SUPPORTED_TRITON = ("3.6", "3.8")  # the launch paths studied (JITFunction.run, CompiledKernel); others: kernel[grid]
+
+
+def triton_launch_support(version: str = triton.__version__) -> str | None:
+    """None when Triton `version`'s launch path is one the direct launch knows; otherwise why not, in words."""
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRITON:
+        return f"triton {version}: the launch path is known for triton {' and '.join(SUPPORTED_TRITON)}"
+    return None
+
+
+def _direct_launch_default() -> bool:
+    """On unless BNFAST_DIRECT_LAUNCH=0, the kernels are interpreted, or Triton's version is not a known one."""
+    return (os.environ.get("BNFAST_DIRECT_LAUNCH", "1") != "0" and triton_launch_support() is None
+            and not is_interpreted())  # fmt: skip
+
+
+_DIRECT: dict = {}  # key -> (kernel, launcher, function, packed metadata)
+_DIRECT_MAX = 4096  # entries; the cache is emptied when full (a new key then costs one kernel[grid] launch)
+_JITFunction = triton.runtime.jit.JITFunction
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = operator.methodcaller("data_ptr")
+_CONSTEXPR_NAMES: dict[str, tuple[str, ...]] = {}
+# the kernels' Python functions (JITFunction and InterpretedFunction both keep them), taken before any recorder
+_KERNEL_FNS = {n: k.fn for n, k in vars(_k).items() if n.startswith("_bn_") and n.endswith("_kernel")}
+_DRIVER = [None, None, None, None]  # Triton's active driver; its get_current_device, set_current_device, stream
+_RUNTIME_KNOBS = triton.knobs.runtime
+_COMPILATION_KNOBS = triton.knobs.compilation
+try:  # the DriverConfig object (triton.runtime.driver is shadowed by it)
+    from triton.runtime import driver as _DRIVER_CONFIG
+except ImportError:  # pragma: no cover - a Triton without it takes kernel[grid]
+    _DRIVER_CONFIG = None
+
+
+def _constexpr_names(name: str, count: int) -> tuple[str, ...]:
+    """The names of kernel `name`'s last `count` parameters: its constexprs (every kernel declares them last)."""
+    names = _CONSTEXPR_NAMES.get(name)
+    if names is None:
+        names = _CONSTEXPR_NAMES[name] = tuple(inspect.signature(_KERNEL_FNS[name]).parameters)[-count:]
+    return names
+
+
+def _active_driver():
+    """Triton's active driver's device and stream functions (refreshed when the active driver changes)."""
+    active = triton.runtime.driver.active
+    if _DRIVER[0] is not active:
+        get_device = active.get_current_device
+        if get_device is torch.cuda.current_device:
+            get_device = torch._C._cuda_getDevice  # the same answer once CUDA is initialised, without the Python
+        _DRIVER[:] = active, get_device, active.set_current_device, active.get_current_stream
+        _DIRECT.clear()  # launchers belong to the driver that loaded them
+    return _DRIVER
+
+
+def _launch(name, grid, num_warps, device, ptrs, ints, floats, consts):
+    """Launch kernel `name` (looked up on kernels.batch_norm, where bnfast.testing.record_launches swaps in
+    recorders) with the arguments in its signature's order: pointers (tensors), integers, floats, constexprs.
+    `device` is the tensors' device index (`Tensor.get_device()`): the launch runs on it and on its current
+    stream, switching the current device only when it differs (the common case costs one comparison)."""
+    kernel = getattr(_k, name)
+    if DIRECT_LAUNCH and _DRIVER[0] is _DRIVER_CONFIG._active:
+        key = (name, device, num_warps, consts, ints, tuple(map(_dtype_of, ptrs)), _RUNTIME_KNOBS.debug,
+               _COMPILATION_KNOBS.instrumentation_mode)  # fmt: skip
+        entry = _DIRECT.get(key)
+        if entry is not None and entry[0] is kernel and not functools.reduce(operator.or_, map(_data_ptr, ptrs)) & 15:
+            if device == _DRIVER[1]():
+                _direct(entry, grid, device, (*ptrs, *ints, *floats, *consts))
+            else:
+                with _on_device(device):
+                    _direct(entry, grid, device, (*ptrs, *ints, *floats, *consts))
+            return
+    kwargs = dict(zip(_constexpr_names(name, len(consts)), consts, strict=True))
+    if not isinstance(kernel, _JITFunction):  # Triton's interpreter (CPU tensors, no device), or a recorder
+        kernel[grid](*ptrs, *ints, *floats, **kwargs, num_warps=num_warps)
+        return
+    driver = _active_driver()
+    if device != driver[1]():
+        with _on_device(device):
+            compiled = kernel[grid](*ptrs, *ints, *floats, **kwargs, num_warps=num_warps)
+    else:
+        compiled = kernel[grid](*ptrs, *ints, *floats, **kwargs, num_warps=num_warps)
+    aligned = not functools.reduce(operator.or_, map(_data_ptr, ptrs)) & 15
+    if DIRECT_LAUNCH and aligned and not kernel.pre_run_hooks and hasattr(compiled, "packed_metadata"):
+        if len(_DIRECT) >= _DIRECT_MAX:
+            _DIRECT.clear()
+        key = (name, device, num_warps, consts, ints, tuple(map(_dtype_of, ptrs)), _RUNTIME_KNOBS.debug,
+               _COMPILATION_KNOBS.instrumentation_mode)  # fmt: skip
+        _DIRECT[key] = (kernel, compiled.run, compiled.function, compiled.packed_metadata, compiled.launch_metadata)
+
+
+def _direct(entry, grid, device, args):
+    """What JITFunction.run does after its cache hit, for a compiled kernel found in `_DIRECT`."""
+    _, launcher, function, packed, launch_metadata = entry
+    stream = _DRIVER[3](device)
+    launcher(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, packed,
+             launch_metadata(grid, stream, *args), _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook,
+             *args)  # fmt: skip
+
+
+class _on_device:
+    """Make CUDA device `device` current for a launch (Triton launches on the current device), then restore."""
+
+    __slots__ = ("device", "previous")
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        driver = _active_driver()
+        self.previous = driver[1]()
+        driver[2](self.device)
+
+    def __exit__(self, *exc):
+        _DRIVER[2](self.previous)
+
+
+def clear_direct_cache():
+    """Forget every cached launch (the next launch of each configuration goes through kernel[grid] again)."""
+    _DIRECT.clear()
+
+
+DIRECT_LAUNCH = _direct_launch_default()  # bnfast.testing and the host-time benchmark may switch it at run time
+
+
 # --------------------------------------------------------------------------------------------- forward stages
 # Each stage: x, y, dy, dx are `Ncs`; w, b (weight, bias) and the running stats are (C,) tensors of any stride or
 # None; `cfg` comes from `config_for(x, ...)`; outputs are allocated by the caller or returned.
@@ -272,13 +434,13 @@ def forward_single(x: Ncs, y: Ncs, w, b, mean, rstd, running, nbt, cfg, *, eps, 
     `running` = (rm, rv, rm_out, rv_out) or None; `nbt` = num_batches_tracked when cumulative; `r` the residual."""
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)  # dummies: never read
     r_ = _ncs_or(r, x)
-    _k._bn_fwd_single_kernel[cfg.grid](
-        y.t, mean, rstd, x.t, _or(w, x.t), _or(b, x.t), r_.t, rm, rv, rm_out, rv_out, _or(nbt, mean),
-        *x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b),
-        rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum, act_param,
-        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
-        UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, ACTIVATION=activation, ACC=_TL[mean.dtype],
-        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    _launch("_bn_fwd_single_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
+        (y.t, mean, rstd, x.t, _or(w, x.t), _or(b, x.t), r_.t, rm, rv, rm_out, rv_out, _or(nbt, mean)),
+        (*x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b),
+         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0)), (eps, momentum, act_param),
+        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, UPDATE_RUNNING, CUMULATIVE, ACTIVATION, ACC, BLOCK_N/C/S
+        (w is not None, b is not None, r is not None, running is not None, cumulative, activation, _TL[mean.dtype],
+         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
     )  # fmt: skip
 
 
@@ -287,10 +449,9 @@ def stats_partial(x: Ncs, cfg):
     acc = acc_dtype(x.t.dtype)
     part = torch.empty((3, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
     shift = torch.empty(x.C, dtype=acc, device=x.t.device)
-    _k._bn_stats_partial_kernel[cfg.grid](
-        part, shift, x.t, *x.dims, *x.strides, ACC=_TL[acc],
-        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
-    )  # fmt: skip
+    # constexprs: ACC, BLOCK_N/C/S
+    _launch("_bn_stats_partial_kernel", cfg.grid, cfg.num_warps, x.t.get_device(), (part, shift, x.t),
+            (*x.dims, *x.strides), (), (_TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S))  # fmt: skip
     return part, shift
 
 
@@ -299,10 +460,9 @@ def stats_merge(part, shift, out=None):
     (count, mean of x - shift, M2, shift), written into `out` (e.g. this rank's slot of the gather buffer)."""
     C = part.shape[2]
     out = torch.empty((4, C), dtype=part.dtype, device=part.device) if out is None else out
-    _k._bn_stats_merge_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
-        out, part, shift, C, part.shape[1], ACC=_TL[part.dtype], BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS,
-        BLOCK_C=FINALIZE_BLOCK_C,
-    )  # fmt: skip
+    # constexprs: ACC, BLOCK_SPLITS, BLOCK_C; 4 warps: Triton's default, which the finalize kernels always had
+    _launch("_bn_stats_merge_kernel", (_cdiv(C, FINALIZE_BLOCK_C),), 4, part.get_device(), (out, part, shift),
+            (C, part.shape[1]), (), (_TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C))  # fmt: skip
     return out
 
 
@@ -313,26 +473,27 @@ def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumu
     C = part.shape[2]
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)
     row_shifts = shift.dim() == 2
-    _k._bn_stats_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
-        mean, rstd, part, shift, rm, rv, rm_out, rv_out, _or(nbt, mean), C, part.shape[1],
-        part.stride(1), part.stride(0), shift.stride(0) if row_shifts else 0,
-        rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), eps, momentum, ROW_SHIFTS=row_shifts,
-        UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, ACC=_TL[part.dtype],
-        # float64 rows: half as many per iteration (at 32 x 32 float64 values ptxas spills 16 bytes on sm_80)
-        BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS // (2 if part.dtype == torch.float64 else 1), BLOCK_C=FINALIZE_BLOCK_C,
+    _launch("_bn_stats_finalize_kernel", (_cdiv(C, FINALIZE_BLOCK_C),), 4, part.get_device(),
+        (mean, rstd, part, shift, rm, rv, rm_out, rv_out, _or(nbt, mean)),
+        (C, part.shape[1], part.stride(1), part.stride(0), shift.stride(0) if row_shifts else 0,
+         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0)), (eps, momentum),
+        # ROW_SHIFTS, UPDATE_RUNNING, CUMULATIVE, ACC, BLOCK_SPLITS, BLOCK_C; float64 rows: half as many per
+        # iteration (at 32 x 32 float64 values ptxas spills 16 bytes on sm_80)
+        (row_shifts, running is not None, cumulative, _TL[part.dtype],
+         FINALIZE_BLOCK_SPLITS // (2 if part.dtype == torch.float64 else 1), FINALIZE_BLOCK_C),
     )  # fmt: skip
 
 
 def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param, r: Ncs | None = None):
     """y = act((x - mean) * rstd * w + b [+ r]); `stat` is rstd, or the running variance when stat_is_var (eval)."""
     r_ = _ncs_or(r, x)
-    _k._bn_normalize_kernel[cfg.grid](
-        y.t, x.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat, *x.dims, *x.strides, *y.strides, *r_.strides,
-        _vec_stride(w), _vec_stride(b), mean.stride(0), stat.stride(0), eps, act_param,
-        STAT_IS_VAR=stat_is_var, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
-        ACTIVATION=activation,
-        ACC=_TL[acc_dtype(x.t.dtype)], BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S,
-        num_warps=cfg.num_warps,
+    _launch("_bn_normalize_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
+        (y.t, x.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat),
+        (*x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b), mean.stride(0),
+         stat.stride(0)), (eps, act_param),
+        # STAT_IS_VAR, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N/C/S
+        (stat_is_var, w is not None, b is not None, r is not None, activation, _TL[acc_dtype(x.t.dtype)],
+         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
     )  # fmt: skip
 
 
@@ -341,14 +502,13 @@ def backward_single(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, stat, dw, db, c
                     act_param, r: Ncs | None = None, dr: Ncs | None = None):  # fmt: skip
     """Single-pass backward into dx, dw, db, dr (each None: not needed); `r` the residual of the forward."""
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)  # dummy strides and pointers when absent
-    _k._bn_bwd_single_kernel[cfg.grid](
-        out.t, _or(dw, x.t), _or(db, x.t), dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat,
-        *x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w), _vec_stride(b),
-        mean.stride(0), stat.stride(0), eps, act_param,
-        TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
-        COMPUTE_DX=dx is not None, COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, COMPUTE_DR=dr is not None,
-        ACTIVATION=activation, ACC=_TL[acc_dtype(x.t.dtype)],
-        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    _launch("_bn_bwd_single_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
+        (out.t, _or(dw, x.t), _or(db, x.t), dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat),
+        (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
+         _vec_stride(b), mean.stride(0), stat.stride(0)), (eps, act_param),
+        # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX/DW/DB/DR, ACTIVATION, ACC, BLOCK_N/C/S
+        (training, w is not None, b is not None, r is not None, dx is not None, dw is not None, db is not None,
+         dr is not None, activation, _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
     )  # fmt: skip
 
 
@@ -358,14 +518,13 @@ def grad_partial(dy: Ncs, x: Ncs, w, b, mean, stat, cfg, *, training, eps, activ
     acc = acc_dtype(x.t.dtype)
     part = torch.empty((2, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)
-    _k._bn_grad_partial_kernel[cfg.grid](
-        part, out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat,
-        *x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w), _vec_stride(b),
-        mean.stride(0), stat.stride(0), eps, act_param,
-        TRAINING=training, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
-        COMPUTE_DX=dx is not None and not training, COMPUTE_DR=dr is not None and not training,
-        ACTIVATION=activation, ACC=_TL[acc],
-        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    _launch("_bn_grad_partial_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
+        (part, out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat),
+        (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
+         _vec_stride(b), mean.stride(0), stat.stride(0)), (eps, act_param),
+        # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S
+        (training, w is not None, b is not None, r is not None, dx is not None and not training,
+         dr is not None and not training, activation, _TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
     )  # fmt: skip
     return part
 
@@ -375,11 +534,10 @@ def grad_finalize(part, dw=None, db=None):
     and dbias (in their own dtype) when given."""
     C = part.shape[2]
     sums = torch.empty((2, C), dtype=part.dtype, device=part.device)
-    _k._bn_grad_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
-        sums, _or(dw, sums), _or(db, sums), part, C, part.shape[1],
-        COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, ACC=_TL[part.dtype],
-        BLOCK_SPLITS=FINALIZE_BLOCK_SPLITS, BLOCK_C=FINALIZE_BLOCK_C,
-    )  # fmt: skip
+    _launch("_bn_grad_finalize_kernel", (_cdiv(C, FINALIZE_BLOCK_C),), 4, part.get_device(),
+            (sums, _or(dw, sums), _or(db, sums), part), (C, part.shape[1]), (),
+            # COMPUTE_DW, COMPUTE_DB, ACC, BLOCK_SPLITS, BLOCK_C
+            (dw is not None, db is not None, _TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C))  # fmt: skip
     return sums
 
 
@@ -387,12 +545,13 @@ def grad_input(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, rstd, sums, cfg, *, 
                r: Ncs | None = None, dr: Ncs | None = None):  # fmt: skip
     """Backward split stage 3 (train): dx (and dr) from the global sums; `count` = M (the global M under SyncBN)."""
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)
-    _k._bn_grad_input_kernel[cfg.grid](
-        out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, rstd, sums,
-        *x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w), _vec_stride(b),
-        1.0 / count, act_param, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None,
-        COMPUTE_DX=dx is not None, COMPUTE_DR=dr is not None, ACTIVATION=activation, ACC=_TL[acc_dtype(x.t.dtype)],
-        BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, BLOCK_S=cfg.BLOCK_S, num_warps=cfg.num_warps,
+    _launch("_bn_grad_input_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
+        (out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, rstd, sums),
+        (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
+         _vec_stride(b)), (1.0 / count, act_param),
+        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S
+        (w is not None, b is not None, r is not None, dx is not None, dr is not None, activation,
+         _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
     )  # fmt: skip
 
 
@@ -426,12 +585,7 @@ def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, t
     as the factor. `residual` (x's shape, any strides) is added before the activation.
     """
     y_t, mean, rstd = forward_outputs(x, training)
-    transposed = is_transposed_2d(x)
-    x3, y3 = as_ncs(x, transposed), as_ncs(y_t, transposed)
-    r3 = as_ncs(residual, transposed) if residual is not None else None
-    if x3.sc == 1 and x3.S > 1:  # channels_last: one dense row axis when every tensor allows it
-        x3, y3, r3 = merge_rows(x3, y3, r3)
-    cfg = config_for(x3, 2 if x.dtype == torch.float64 else 1)  # register_widening(ACC), inlined: hot path
+    x3, y3, r3, cfg = prepare(x, y_t, residual, widen=2 if x.dtype == torch.float64 else 1)  # register_widening
     if not training:
         normalize(x3, y3, weight, bias, running_mean, running_var, cfg, stat_is_var=True, eps=eps,
                   activation=activation, act_param=act_param, r=r3)  # fmt: skip
@@ -459,14 +613,10 @@ def bn_bwd(dy, x, weight, bias, mean, stat, *, training, eps, activation, act_pa
     None when not asked for or when there is no such input. Without an activation dresidual = dy: the caller
     passes dy on and asks for no dresidual here."""
     dx_t, dw, db, dr_t = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db, needs_dr), residual)
-    transposed = is_transposed_2d(x)
-    x3, dy3 = as_ncs(x, transposed), as_ncs(dy, transposed)
-    dx3 = as_ncs(dx_t, transposed) if dx_t is not None else None
-    r3 = as_ncs(residual, transposed) if residual is not None and activation else None  # only act' reads it
-    dr3 = as_ncs(dr_t, transposed) if dr_t is not None else None
-    if x3.sc == 1 and x3.S > 1:  # channels_last: one dense row axis when every tensor allows it
-        x3, dy3, dx3, r3, dr3 = merge_rows(x3, dy3, dx3, r3, dr3)
-    cfg = config_for(x3, register_widening(acc_dtype(x.dtype), activation, backward=True))
+    r = residual if activation else None  # only act' reads it
+    x3, dy3, dx3, r3, dr3, cfg = prepare(
+        x, dy, dx_t, r, dr_t, widen=register_widening(acc_dtype(x.dtype), activation, backward=True)
+    )
     opts = dict(activation=activation, act_param=act_param, r=r3, dr=dr3)
     if cfg.plan == "single":
         backward_single(dy3, x3, dx3, weight, bias, mean, stat, dw, db, cfg, training=training, eps=eps, **opts)

@@ -217,6 +217,14 @@ def test_fwd_op_is_functional(device):
     assert none_rm.numel() == 0 and none_rv.numel() == 0
 
 
+def test_the_op_schema_follows_the_protocol():
+    """The op's arguments are `ops.BatchNormInputs`, by name and in order (the one place the protocol is
+    written out; the schema itself is inferred from the op's annotations)."""
+    schema = torch.ops.bnfast.batch_norm.default._schema
+    assert tuple(a.name for a in schema.arguments) == ops.BatchNormInputs._fields
+    assert len(ops.BatchNormInputs._fields) == len(schema.arguments)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_eager_and_traced_entries_save_the_same(device, training):
     """One autograd implementation: the eager Function's backward is the op's registered backward, and both
@@ -225,7 +233,7 @@ def test_eager_and_traced_entries_save_the_same(device, training):
     x, w, b, rm, rv = op_inputs(device, (8, 4), torch.float32)
     need_kernels(x)
     args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0, None)
-    y_fn = ops.BatchNormFunction.apply(*args)[0]
+    y_fn = ops.batch_norm(*args, traced=False)  # the eager entry: ops.BatchNormFunction, returns y alone
     args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0, None)
     y_op = ops.batch_norm_op(*args)[0]
     saved_fn, saved_op = y_fn.grad_fn.saved_tensors, y_op.grad_fn.saved_tensors

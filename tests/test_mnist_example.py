@@ -16,6 +16,7 @@ Tolerances, torch-BN vs bnfast after 62 Adam steps:
   borderline images may flip (up to 3 seen).
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -40,7 +41,7 @@ ACCURACY_GAP = 0.02
 MIN_ACCURACY = 0.6  # chance is 0.1; one short epoch reaches about 0.8
 OPTIONS = ("--epochs", "--batch-size", "--lr", "--hidden", "--activation", "--seed", "--device", "--data-dir",
            "--download", "--limit-train", "--limit-test", "--models", "--no-plots", "--out",
-           "--recalibrate")  # fmt: skip
+           "--recalibrate", "--cuda-graphs")  # fmt: skip
 
 
 def local_mnist_dir() -> Path | None:
@@ -226,3 +227,39 @@ def test_one_epoch_plot_shows_markers_on_integer_ticks(example):
     assert [t.get_text() for t in ax.get_xticklabels() if t.get_position()[0] in ticks] == ["1"]
     for line in ax.get_lines():
         assert line.get_marker() not in (None, "", "None") and line.get_xdata().tolist() == [1], line.get_label()
+
+
+def test_cuda_graphs_without_cuda_exits_with_a_clear_message(tmp_path):
+    result = run_example(tmp_path, "--cuda-graphs", "--device", "cpu", "--data-dir", tmp_path / "data",
+                         "--no-download")  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--cuda-graphs: CUDA graphs capture GPU work" in result.stderr
+
+
+def test_warm_up_before_capture_leaves_no_trace(example):
+    """What a capture's warm-up steps change (weights, BatchNorm's running stats and num_batches_tracked, Adam's
+    state) is restored in the same tensors: the next step is bit for bit a fresh model's and optimizer's first."""
+    torch.manual_seed(0)
+    model = example.build_mlp(16, "relu", batch_norm=True)
+    fresh = copy.deepcopy(model)
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    tensors = [*model.parameters(), *model.buffers()]
+    with example.training_state_kept(model, optimizer):
+        for _ in range(3):
+            example.train_step(model, optimizer, x, y)
+        assert not torch.equal(model[1].running_mean, fresh[1].running_mean)  # the warm-up did move them
+    assert all(a is b for a, b in zip(tensors, [*model.parameters(), *model.buffers()], strict=True))
+    for a, b in zip([*model.parameters(), *model.buffers()], [*fresh.parameters(), *fresh.buffers()], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    example.train_step(model, optimizer, x, y)
+    example.train_step(fresh, torch.optim.Adam(fresh.parameters(), lr=0.01), x, y)
+    for a, b in zip([*model.parameters(), *model.buffers()], [*fresh.parameters(), *fresh.buffers()], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_eager_steps_are_train_step(example):
+    models = {"a": torch.nn.Linear(784, 10)}
+    optimizers = {"a": torch.optim.Adam(models["a"].parameters())}
+    steps = example.make_steps(models, optimizers, None, cuda_graphs=False)
+    assert steps["a"].func is example.train_step and steps["a"].args == (models["a"], optimizers["a"])

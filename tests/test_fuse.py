@@ -293,6 +293,7 @@ def test_timm_norm_act_layers_convert_only_when_the_tail_fuses():
         "no act": norm_act.BatchNormAct2d(4, apply_act=False),
         "dropout": norm_act.BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=nn.Dropout),
         "hardswish": norm_act.BatchNormAct2d(4, act_layer=nn.Hardswish),
+        "hardsigmoid": norm_act.BatchNormAct2d(4, act_layer=nn.Hardsigmoid),  # not fused by bnfast: stays
         "hooked act": hooked,
         "sync": norm_act.SyncBatchNormAct(4, process_group=None),
     }
@@ -302,7 +303,8 @@ def test_timm_norm_act_layers_convert_only_when_the_tail_fuses():
     kinds = {k: (type(m).__name__, repr(getattr(m, "activation", None))) for k, m in converted.items()}
     assert kinds == {
         "leaky": ("FusedBatchNorm2d", "leaky_relu(0.3)"), "no act": ("FusedBatchNorm2d", "None"),
-        "dropout": ("BatchNormAct2d", "None"), "hardswish": ("BatchNormAct2d", "None"),
+        "dropout": ("BatchNormAct2d", "None"), "hardswish": ("FusedBatchNorm2d", "'hardswish'"),
+        "hardsigmoid": ("BatchNormAct2d", "None"),
         "hooked act": ("BatchNormAct2d", "None"), "sync": ("FusedSyncBatchNorm", "'silu'"),
     }  # fmt: skip
     x = torch.randn(2, 4, 3, 3, device=DEVICE)

@@ -132,8 +132,11 @@ def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, ov
         block_c = min(pow2_c, MAX_BLOCK_C, max(1, tile))
         block_s = min(pow2_s, max(1, tile // block_c))
     else:  # long axis S; a few channels per tile when S is short (more rows of n instead: see MAX_BLOCK_C_S_FAST)
-        if S % 16:  # rows not 16-aligned: no vector access, a 64-bit address per value (kernel report: 130 registers
-            tile //= 2  # in the eval residual backward of NCHW 7x7 at full size, 1 CTA per SM at 8 warps)
+        # rows not 16-aligned: no vector access, a 64-bit address per value. At full size the eval residual backward
+        # of NCHW 7x7 took 130 registers (1 CTA per SM at 8 warps); at half size triton 3.8's ptxas still spilled
+        # 4-12 bytes in its grad_input at 80 registers; a quarter (4 warps) compiles with neither (kernel report)
+        if S % 16:
+            tile //= 4
         block_s = min(pow2_s, MAX_BLOCK_S, max(1, tile))
         block_c = min(pow2_c, max(1, tile // (4 * block_s)), MAX_BLOCK_C_S_FAST)
     block_n = max(1, min(pow2_n, tile // (block_s * block_c)))

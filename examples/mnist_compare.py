@@ -29,11 +29,11 @@ Design:
   interpreter only when TRITON_INTERPRET=1 was set before the import (slow, exact: how CI checks the kernels),
   and otherwise falls back to torch ops. The table and results.json say which.
 
-Data lookup (`--data-dir`, default `data/`): the files torchvision reads from `<data-dir>/MNIST/raw`; else the
-four original `.gz` files, from that folder or copied into it from `$BNFAST_MNIST_RAW` or, when that is unset,
-from this repo's `../shared/data/MNIST/raw` (md5-checked against torchvision's list, then decompressed: no
-network); else torchvision's download (with `--download`, the default). If none works, the script exits with
-one message naming the folders it searched and which files to put where.
+Data lookup (`--data-dir`, default `data/`): the four original `.gz` files, md5-checked, from
+`<data-dir>/MNIST/raw`, else `$BNFAST_MNIST_RAW` or, when that is unset, this repo's `../shared/data/MNIST/raw`,
+read directly (no network, no torchvision: the GPU machine has none); else torchvision's MNIST: the files it
+reads from `<data-dir>/MNIST/raw`, else its download (with `--download`, the default). If none works, the script
+exits with one message naming the folders it searched and which files to put where.
 
 CUDA graphs (`--cuda-graphs`, CUDA only; without CUDA the script exits with a message): every model's whole
 training step (forward, loss, backward, Adam with capturable=True) is captured once in a CUDA graph and replayed
@@ -55,11 +55,14 @@ import contextlib
 import copy
 import datetime
 import functools
+import gzip
+import hashlib
 import itertools
 import json
 import os
 import platform
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -164,9 +167,7 @@ def local_sources(raw_dir: Path) -> list[Path]:
 def missing_data_message(raw_dir: Path, download_error: str | None) -> str:
     """What to do when MNIST is nowhere. `download_error`: why torchvision's download failed, or None when
     --no-download was given (then, and only then, --download is suggested: it is the default)."""
-    from torchvision.datasets import MNIST
-
-    names = ", ".join(name for name, _ in MNIST.resources)
+    names = ", ".join(name for name, _ in MNIST_FILES)
     searched, fallback = local_sources(raw_dir)
     label = f"${RAW_DIR_ENV}" if os.environ.get(RAW_DIR_ENV) else f"the repo's shared data, ${RAW_DIR_ENV} unset"
     where = f"searched {searched} and {fallback} ({label})"
@@ -205,13 +206,54 @@ def _stage_local_archives(raw_dir: Path) -> None:
         extract_archive(str(archive), str(raw_dir))
 
 
+# the four original files and their md5 (torchvision's MNIST.resources): train images, labels; test images, labels
+MNIST_FILES = (
+    ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+    ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+    ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+)
+
+
+def _md5_ok(path: Path, md5: str) -> bool:
+    return path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() == md5
+
+
+def read_idx_gz(path: Path) -> torch.Tensor:
+    """A gzip-compressed IDX file (MNIST's format: 2 zero bytes, a type byte (0x08: uint8), the number of dims,
+    the dims as big-endian uint32, then the data) as a uint8 tensor of those dims."""
+    data = gzip.decompress(path.read_bytes())
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not a uint8 IDX file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(*dims)
+
+
+def local_mnist(raw_dir: Path):
+    """[(images uint8 (N, 28, 28), labels int64)] for train and test from the md5-verified .gz files of
+    `local_sources`, read directly (no torchvision needed: the GPU machine has none); None when any is missing."""
+    paths = []
+    for name, md5 in MNIST_FILES:
+        path = next((source / name for source in local_sources(raw_dir) if _md5_ok(source / name, md5)), None)
+        if path is None:
+            return None
+        paths.append(path)
+    tensors = [read_idx_gz(p) for p in paths]
+    return [(tensors[0], tensors[1].long()), (tensors[2], tensors[3].long())]
+
+
 def load_mnist(data_dir: Path, download: bool, device: torch.device):
-    """((train_x, train_y), (test_x, test_y)): images as float (N, 784) in [0, 1], labels int64, on `device`."""
+    """((train_x, train_y), (test_x, test_y)): images as float (N, 784) in [0, 1], labels int64, on `device`.
+    The local .gz files when they are there (read directly), else torchvision's MNIST (which downloads)."""
+    raw_dir = data_dir / "MNIST" / "raw"
+    local = local_mnist(raw_dir)
+    if local is not None:  # data / 255 is what ToTensor() does to uint8 images
+        return [(x.to(device).float().div(255).view(-1, IMAGE_SIZE), y.to(device)) for x, y in local]
     from urllib.error import URLError
 
     from torchvision.datasets import MNIST
 
-    raw_dir = data_dir / "MNIST" / "raw"
     _stage_local_archives(raw_dir)
     try:
         splits = [MNIST(str(data_dir), train=train, download=download) for train in (True, False)]

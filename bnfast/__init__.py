@@ -8,10 +8,9 @@ A call reads top-down: `FusedBatchNorm1d.forward` (modules) -> `functional.batch
 
 from . import guards, testing
 from .activations import SUPPORTED_ACTIVATIONS, resolve_activation
-from .convert import convert
 from .fold import fold
 from .functional import batch_norm, uses_triton
-from .fuse import FusionReport, fuse
+from .fuse import FusionReport, convert, fuse  # convert: bnfast/convert.py, and bnfast/fuse.py for trace=True
 from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedFrozenBatchNorm2d, FusedSyncBatchNorm
 from .recalibrate import recalibrate
 

@@ -12,12 +12,15 @@ keeps working, and outputs are unchanged). Exact types only: any other BatchNorm
 more) is left alone. timm and torchvision are never imported: their classes are looked up in `sys.modules`, so
 a model holding them has already loaded them.
 
-Inside an `nn.Sequential`, a BatchNorm directly followed by a supported activation module is fused with it: the
+Inside an `nn.Sequential` (that exact type: a subclass may override forward), a BatchNorm directly followed by a
+supported activation module is fused with it: the
 BN slot holds `FusedBatchNorm1d(activation=...)` and the activation's slot becomes `nn.Identity()`, so indices
 and state_dict keys stay valid. Only the Sequential's slot changes: an activation object reused elsewhere (the
 seeds' MLP uses one `relu` twice) keeps working there. A BatchNorm that appears in several places is
-converted once and shared, but not fused (its successors may differ). `convert(model, trace=True)` also fuses
-what the forward writes out (`relu(bn(x) + identity)`): bnfast/fuse.py.
+converted once and shared, but not fused (its successors may differ). A forward that iterates over a
+Sequential's children and keeps an intermediate output (a feature tap after the BatchNorm) is not visible here:
+`convert(model, trace=True)` (bnfast/fuse.py) confirms every pair in the traced forward instead, and also fuses
+what the forward writes out (`relu(bn(x) + identity)`).
 
 The new module keeps everything else the old one carried: forward (pre-)hooks, backward hooks, state_dict
 hooks (the very dicts, so existing handles still remove them) and custom attributes. A pair is not fused when
@@ -25,7 +28,7 @@ either module has hooks that would observe the difference (any hook on the activ
 on the BatchNorm: they would see the activation's output or its gradient), so every hook sees the same values.
 (A timm norm-act layer's own hooks already see the activation's output: they move with it.)
 
-Imports: torch, bnfast.activations, bnfast.known, bnfast.modules (bnfast.fuse lazily, for trace=True).
+Imports: torch, bnfast.activations, bnfast.known, bnfast.modules.
 """
 
 from collections import Counter
@@ -106,19 +109,11 @@ def _fusable_with_next(new: nn.Module) -> bool:
     return isinstance(new, (FusedBatchNormBase, FusedFrozenBatchNorm2d)) and not new.activation
 
 
-def convert(model: nn.Module, *, trace: bool = False) -> nn.Module:
+def convert_modules(model: nn.Module, *, sequential_pairs: bool = True) -> nn.Module:
     """Replace every BatchNorm bnfast knows (see the module docstring) by its bnfast module in place, fusing
-    BN -> activation pairs in nn.Sequential; returns `model`.
-
-    With `trace=True`, then traces the model with torch.fx and also fuses BN -> activation and
-    BN -> add -> activation wherever the forward writes them (bnfast/fuse.py): returns the traced
-    `torch.fx.GraphModule` (or `model`, with a warning, where fx cannot trace it); either carries the
-    `bnfast_report` of what was fused. Use `convert(copy.deepcopy(model))` to keep the original.
-    """
-    if trace:
-        from .fuse import fuse
-
-        return fuse(model)
+    BN -> activation pairs in (exactly) nn.Sequential unless `sequential_pairs` is False; returns `model`.
+    A bnfast module already there counts as converted (a second call fuses its Sequential pairs). The public
+    entry is `bnfast.convert` (bnfast/fuse.py), which also fuses by tracing."""
     own = fused_replacement(model)
     if own is not None:
         return own
@@ -127,7 +122,7 @@ def convert(model: nn.Module, *, trace: bool = False) -> nn.Module:
 
     def replacement(module):
         if id(module) not in converted:
-            converted[id(module)] = fused_replacement(module)
+            converted[id(module)] = module if _fusable_with_next(module) else fused_replacement(module)
         return converted[id(module)]
 
     for parent in list(model.modules()):
@@ -141,7 +136,9 @@ def convert(model: nn.Module, *, trace: bool = False) -> nn.Module:
             activation = activation_of_module(following) if following is not None else None
             # a BN's forward hooks would see the activation's output, its backward hooks the activation's grad
             fusable = activation is not None and not has_hooks(following) and not has_hooks(child)
-            if isinstance(parent, nn.Sequential) and fusable and uses[id(child)] == 1 and _fusable_with_next(new):
+            # exactly nn.Sequential: a subclass may override forward (reuse an intermediate output, say)
+            in_sequential = sequential_pairs and type(parent) is nn.Sequential
+            if in_sequential and fusable and uses[id(child)] == 1 and _fusable_with_next(new):
                 new.activation = activation  # not shared (used once): fusing changes no other slot
                 parent._modules[names[i + 1]] = nn.Identity()
             parent._modules[name] = new

@@ -13,9 +13,10 @@ Sequential's indices stay valid. The folded weights are computed in float64 and 
 eval outputs equal the original's to rounding. The state_dict keys change: the BN entries go, and the layer may
 gain a bias.
 
-Where pairs are found: adjacent in an nn.Sequential, and wherever the forward calls the BatchNorm directly on the
-layer's output (torch.fx trace with `bnfast.fuse.Tracer`; a model fx cannot trace gets the Sequential pairs
-only, with a warning). The BatchNorms: torch's BatchNorm1d/2d/3d, bnfast's FusedBatchNorm1d/2d/3d,
+Where pairs are found: wherever the traced forward calls the BatchNorm directly on the layer's output and
+nothing else uses it (torch.fx trace with `bnfast.fuse.Tracer`: plain nn.Sequentials are inlined there); a model
+fx cannot trace gets the pairs adjacent in an nn.Sequential (that exact type) only, with a warning. The
+BatchNorms: torch's BatchNorm1d/2d/3d, bnfast's FusedBatchNorm1d/2d/3d,
 FusedFrozenBatchNorm2d and torchvision's FrozenBatchNorm2d (after a Conv2d). A pair is folded only when each
 module is used once in the model (and called once in the trace), the layer's output goes to the BatchNorm alone,
 the BatchNorm has one input (no fused residual) and neither has hooks.
@@ -94,25 +95,28 @@ def _replacement(bn: nn.Module) -> nn.Module:
 
 
 def _pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer path, BatchNorm path) of every foldable pair, in the Sequentials and in the traced forward."""
+    """(layer path, BatchNorm path) of every foldable pair in the traced forward (the layer's output used by the
+    BatchNorm alone), or in nn.Sequential where fx cannot trace the model."""
     names = {}
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), name)
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     pairs = {}
-    for parent in model.modules():
-        if isinstance(parent, nn.Sequential):
-            children = list(parent)
-            for layer, bn in zip(children, children[1:], strict=False):
-                if _foldable(layer, bn) and uses[id(layer)] == uses[id(bn)] == 1:
-                    pairs[names[id(bn)]] = names[id(layer)]
     try:
         graph = Tracer().trace(model)
     except Exception as error:  # noqa: BLE001 - whatever fx raises, the Sequential pairs stand
         warnings.warn(f"bnfast.fold: torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: "
                       f"{str(error).splitlines()[0] if str(error) else ''}); folding pairs in nn.Sequential only",
                       stacklevel=3)  # fmt: skip
+        for parent in model.modules():
+            if type(parent) is nn.Sequential:  # exactly: a subclass may override forward
+                children = list(parent)
+                for layer, bn in zip(children, children[1:], strict=False):
+                    if _foldable(layer, bn) and uses[id(layer)] == uses[id(bn)] == 1:
+                        pairs[names[id(bn)]] = names[id(layer)]
         return [(layer, bn) for bn, layer in pairs.items()]
+    # traced: only the pairs the forward shows (a plain Sequential is inlined, so its pairs are here; one that is
+    # iterated with an intermediate output kept, or a subclass, shows the layer's output used twice)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     for node in graph.nodes:
         source = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None

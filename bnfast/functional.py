@@ -173,8 +173,10 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
     tensors = (weight, bias, running_mean, running_var)
     if not _common_case(x, tensors, training, eps):
         _torch_verdict(x, running_mean, running_var, weight, bias, training, eps)
-    residual_by_torch = False
-    if residual is not None and (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
+    residual_by_torch = residual is not None and not isinstance(residual, torch.Tensor)  # a number: torch's sum
+    if residual_by_torch:
+        torch.broadcast_shapes(x.shape, torch.as_tensor(residual).shape)  # torch's error for a non-number
+    elif residual is not None and (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
         residual, residual_by_torch = _check_residual(x, residual)
     # momentum=None is the cumulative average 1/num_batches_tracked; without that counter, torch's module uses a
     # factor of 0 (the stats stay): so do we

@@ -26,8 +26,12 @@ objects), the same state_dict keys (listed in the order the forward uses the mod
 (the BatchNorms are leaves). The model passed in is converted module by module in place, as by `convert`; the
 fusion by tracing lives in the GraphModule only: the BN at each fused path there is a new bnfast module taking
 over the same tensors. Python attributes of the model that are not modules, parameters or buffers are not part of a
-GraphModule (as with any fx trace). Where fx cannot trace the model (data-dependent control flow, ...) `fuse`
-warns, names the error and returns the module-level `convert(model)`.
+GraphModule (as with any fx trace), nor are its methods. Where a trace would not be the same function, `fuse` warns,
+says why and returns the module-level conversion (`convert(model)`): fx cannot trace the forward (data-dependent
+control flow, ...); the forward reads `self.training` outside the BatchNorms (dropout, drop path: a trace fixes
+the mode; found by tracing again with every flag flipped); a module that is not a leaf of the trace has hooks (the
+model's own included); a trace would drop state_dict keys (submodules the forward never calls). A BN -> add is
+not fused where a node between the BatchNorm and the add may write in place (the fused call runs at the add).
 
 What was fused is in the result's `bnfast_report` (a `FusionReport`: counts and the BN paths of each pattern,
 `str()` gives one line) and logged at INFO on the "bnfast" logger.
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .activations import Activation, activation_of_module
-from .convert import convert
+from .convert import convert_modules
 from .known import has_hooks, timm_norm_act_types, torchvision_frozen_type
 from .modules import FusedBatchNormBase, FusedFrozenBatchNorm2d, FusedSyncBatchNorm, adopt_state
 
@@ -181,6 +185,36 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent), name, module)
 
 
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                       operator.irshift, operator.imatmul)  # fmt: skip
+
+
+def _may_write_in_place(node: fx.Node, modules: dict) -> bool:
+    """Whether `node` may write into one of its inputs: a method or function named `..._`, an in-place operator,
+    `inplace=True` (or a literal True argument: conservative), a module whose `inplace` flag is set."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("__"))
+                or node.kwargs.get("inplace") is True or any(a is True for a in node.args))  # fmt: skip
+    if node.op == "call_module":
+        return getattr(modules[node.target], "inplace", False) is True
+    return False
+
+
+def _written_between(first: fx.Node, last: fx.Node, modules: dict) -> bool:
+    """Whether a node strictly between `first` and `last` (graph order) may write in place: moving `first`'s call
+    to `last` would then read its input after that write."""
+    node = first.next
+    while node is not last:
+        if _may_write_in_place(node, modules):
+            return True
+        node = node.next
+    return False
+
+
 def _fuse_graph(gm: fx.GraphModule, report: FusionReport) -> None:
     graph = gm.graph
     modules = dict(gm.named_modules())
@@ -213,6 +247,8 @@ def _fuse_graph(gm: fx.GraphModule, report: FusionReport) -> None:
             activation = _activation_of(next(iter(user.users)), user, modules)
             if activation is not None:
                 last = next(iter(user.users))
+        if _written_between(node, last, modules):  # the fused call runs at `last`: x must be unchanged there
+            continue
         with graph.inserting_before(last):  # the residual is computed before the add, maybe after the BN
             fused = graph.call_module(node.target, (node.args[0], residual))
         last.replace_all_uses_with(fused)
@@ -222,23 +258,80 @@ def _fuse_graph(gm: fx.GraphModule, report: FusionReport) -> None:
         (report.triples if activation else report.adds).append(node.target)
 
 
+def _mode_dependence(model: nn.Module, graph: fx.Graph) -> str | None:
+    """Why a trace would fix the train/eval mode, or None: the forward, traced with every module's flag flipped,
+    differs (dropout or drop path reading `self.training` outside the BatchNorm leaves)."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        for m in flags:
+            m.training = not flags[m]
+        flipped = Tracer().trace(model)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if flipped.python_code("self").src != graph.python_code("self").src:
+        return "its forward depends on train()/eval() beyond its BatchNorms (dropout, drop path): a trace fixes it"
+    return None
+
+
+def _hooks_lost(model: nn.Module, tracer: Tracer) -> str | None:
+    """Why a trace would drop hooks (and run them on fx proxies while tracing), or None: only leaf modules keep
+    theirs; checked before tracing, with the tracer's own leaf rule."""
+    leaves = []
+    for name, module in model.named_modules():
+        if any(name.startswith(leaf + ".") for leaf in leaves):
+            continue
+        if name and tracer.is_leaf_module(module, name):
+            leaves.append(name)
+        elif has_hooks(module):
+            return f"module {name or '(the model)'!r} has hooks, which a trace would drop"
+    return None
+
+
+def _state_lost(model: nn.Module, gm: fx.GraphModule) -> str | None:
+    """Why the traced module's state_dict would differ, or None (submodules the forward never calls vanish)."""
+    missing = sorted(set(model.state_dict()) - set(gm.state_dict()))
+    return f"a trace would drop state_dict keys {missing[:3]} (modules its forward does not call)" if missing else None
+
+
+def convert(model: nn.Module, *, trace: bool = False) -> nn.Module:
+    """Replace every BatchNorm bnfast knows by its bnfast module in place, fusing BN -> activation pairs in
+    nn.Sequential (bnfast/convert.py); returns `model`.
+
+    With `trace=True`: `fuse(model)`, which fuses BN -> activation and BN -> add -> activation wherever the traced
+    forward writes them and returns a `torch.fx.GraphModule` (or `model`, with a warning, where a trace would not
+    be the same function); either carries the `bnfast_report` of what was fused. Use
+    `convert(copy.deepcopy(model))` to keep the original."""
+    return fuse(model) if trace else convert_modules(model)
+
+
 def fuse(model: nn.Module) -> nn.Module:
     """`convert(model)` (in place), then fuse BN -> activation, BN -> add -> activation and BN -> add wherever
     the traced forward has them (see the module docstring). Returns a torch.fx.GraphModule, or the converted
     `model` (with a warning) where torch.fx cannot trace it; the result's `bnfast_report` says what was fused."""
-    model = convert(model)
+    model = convert_modules(model, sequential_pairs=False)  # the trace confirms each pair (one user)
+    gm, reason = None, None
     try:
-        graph = Tracer().trace(model)
+        reason = _hooks_lost(model, Tracer())
+        graph = Tracer().trace(model) if reason is None else None
+        reason = reason or _mode_dependence(model, graph)
+        if reason is None:
+            gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+            reason = _state_lost(model, gm)
     except Exception as error:  # noqa: BLE001 - whatever fx raises, the module-level conversion stands
-        report = FusionReport(traced=False, error=f"{type(error).__name__}: {error}".splitlines()[0])
-        warnings.warn(f"bnfast.fuse: torch.fx cannot trace {type(model).__name__} ({report.error}); converted "
-                      "module by module only, nothing fused by tracing", stacklevel=2)  # fmt: skip
+        reason = f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error})".splitlines()[0]
     else:
-        gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        reason = reason and f"{type(model).__name__}: {reason}"
+    if reason is not None:
+        model = convert_modules(model)  # the module-level conversion: its Sequential pairs
+        report = FusionReport(traced=False, error=reason)
+        warnings.warn(f"bnfast.fuse: {reason}; converted module by module only, nothing fused by tracing",
+                      stacklevel=2)  # fmt: skip
+    else:
         gm.training = model.training  # the submodules keep their own flags
         report = FusionReport(traced=True)
         _fuse_graph(gm, report)
-        graph.lint()
+        gm.graph.lint()
         gm.recompile()
         model = gm
     bns = [m for m in model.modules() if isinstance(m, (FusedBatchNormBase, FusedFrozenBatchNorm2d))]

@@ -124,6 +124,8 @@ def _residual_needs_torch(input, residual) -> bool:
     the module computes that expression itself then: the same function whatever the residual."""
     if residual is None or isinstance(residual, torch.fx.Proxy) or isinstance(input, torch.fx.Proxy):
         return False
+    if not isinstance(residual, torch.Tensor):  # a number (`bn(x) + x.size(1)` fused by tracing)
+        return True
     if (residual.shape, residual.dtype, residual.device) == (input.shape, input.dtype, input.device):
         return False
     torch.broadcast_shapes(input.shape, residual.shape)  # torch's RuntimeError, before any state changes

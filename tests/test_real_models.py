@@ -10,8 +10,8 @@ truth, and bnfast may be at most `K` times as far from it as torch's own float32
 A deep network amplifies every rounding; two correct float32 algorithms (bnfast reduces in another order) land
 within a small multiple of each other's error, while a wrong formula is off by O(1).
 
-timm and torchvision are test extras (setup.py extras_require["test"]); each model skips cleanly without its
-library.
+timm and torchvision are test extras (pyproject.toml, optional-dependencies "test"); each model skips cleanly
+without its library.
 """
 
 import contextlib

@@ -109,9 +109,11 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         graph = Tracer().trace(model)
     except Exception as error:  # noqa: BLE001 - whatever fx raises, the Sequential pairs stand
-        warnings.warn(f"bnfast.fold: torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0] if str(error) else ''}); folding pairs in nn.Sequential only",
-                      stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"bnfast.fold: torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); folding pairs in nn.Sequential only",
+            stacklevel=3,
+        )
         return [(layer, bn) for bn, layer in pairs.items()]
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     for node in graph.nodes:

@@ -100,17 +100,35 @@ class Tracer(fx.Tracer):
 
 # function -> (activation name, names of the arguments after the input, in order)
 _FUNCTIONS = {
-    F.relu: ("relu", ("inplace",)), torch.relu: ("relu", ()), torch.relu_: ("relu", ()),
-    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")), F.leaky_relu_: ("leaky_relu", ("negative_slope",)),
-    F.elu: ("elu", ("alpha", "inplace")), F.elu_: ("elu", ("alpha",)),
-    F.selu: ("selu", ("inplace",)), torch.selu: ("selu", ()), torch.selu_: ("selu", ()),
-    F.silu: ("silu", ("inplace",)), F.mish: ("mish", ("inplace",)), F.gelu: ("gelu", ("approximate",)),
-    torch.sigmoid: ("sigmoid", ()), torch.sigmoid_: ("sigmoid", ()), F.sigmoid: ("sigmoid", ()),
-    torch.tanh: ("tanh", ()), torch.tanh_: ("tanh", ()), F.tanh: ("tanh", ()),
-}  # fmt: skip
+    F.relu: ("relu", ("inplace",)),
+    torch.relu: ("relu", ()),
+    torch.relu_: ("relu", ()),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
+    F.leaky_relu_: ("leaky_relu", ("negative_slope",)),
+    F.elu: ("elu", ("alpha", "inplace")),
+    F.elu_: ("elu", ("alpha",)),
+    F.selu: ("selu", ("inplace",)),
+    torch.selu: ("selu", ()),
+    torch.selu_: ("selu", ()),
+    F.silu: ("silu", ("inplace",)),
+    F.mish: ("mish", ("inplace",)),
+    F.gelu: ("gelu", ("approximate",)),
+    torch.sigmoid: ("sigmoid", ()),
+    torch.sigmoid_: ("sigmoid", ()),
+    F.sigmoid: ("sigmoid", ()),
+    torch.tanh: ("tanh", ()),
+    torch.tanh_: ("tanh", ()),
+    F.tanh: ("tanh", ()),
+}
 _DEFAULTS = {"negative_slope": 0.01, "alpha": 1.0, "approximate": "none", "inplace": False}
-_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
-            "tanh_": "tanh"}  # fmt: skip
+_METHODS = {
+    "relu": "relu",
+    "relu_": "relu",
+    "sigmoid": "sigmoid",
+    "sigmoid_": "sigmoid",
+    "tanh": "tanh",
+    "tanh_": "tanh",
+}
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
@@ -231,8 +249,11 @@ def fuse(model: nn.Module) -> nn.Module:
         graph = Tracer().trace(model)
     except Exception as error:  # noqa: BLE001 - whatever fx raises, the module-level conversion stands
         report = FusionReport(traced=False, error=f"{type(error).__name__}: {error}".splitlines()[0])
-        warnings.warn(f"bnfast.fuse: torch.fx cannot trace {type(model).__name__} ({report.error}); converted "
-                      "module by module only, nothing fused by tracing", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"bnfast.fuse: torch.fx cannot trace {type(model).__name__} ({report.error}); converted "
+            "module by module only, nothing fused by tracing",
+            stacklevel=2,
+        )
     else:
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
         gm.training = model.training  # the submodules keep their own flags

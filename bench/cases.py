@@ -32,8 +32,16 @@ ACTIVATIONS = ("relu", "none")
 LAYOUTS = ("contiguous", "channels_last")
 PROVIDERS = ("bnfast", "eager", "compile")
 # BatchNorm1d: launch-bound (32, 32) (the MNIST layer) up to 128 MiB float32 tensors; (N, C, L) ones
-BENCH_SHAPES = [(32, 32), (256, 1024), (4096, 256), (16384, 1024), (65536, 512), (262144, 64), (64, 256, 1024),
-                (8192, 64, 128)]  # fmt: skip
+BENCH_SHAPES = [
+    (32, 32),
+    (256, 1024),
+    (4096, 256),
+    (16384, 1024),
+    (65536, 512),
+    (262144, 64),
+    (64, 256, 1024),
+    (8192, 64, 128),
+]
 # ResNet-50's BatchNorm2d shapes at batch 256
 RESNET_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
 SMOKE_SHAPES = [(8, 4), (2, 4, 5)]  # --benchmark-disable: tiny (N, C) and (N, C, L), once under the interpreter
@@ -102,20 +110,36 @@ def full_cases() -> list[Case]:
     then fwd+bwd without activation, then the forward-only modes."""
     assert sorted(("fwd+bwd", "fwd-train", "fwd-eval")) == sorted(MODES)
     first = [Case("fwd+bwd", "relu", d, s) for d in DTYPES for s in BENCH_SHAPES]
-    resnet = [Case("fwd+bwd", "relu", d, s, layout, residual) for residual in (False, True) for layout in LAYOUTS
-              for d in DTYPES for s in RESNET_SHAPES]  # fmt: skip
+    resnet = [
+        Case("fwd+bwd", "relu", d, s, layout, residual)
+        for residual in (False, True)
+        for layout in LAYOUTS
+        for d in DTYPES
+        for s in RESNET_SHAPES
+    ]
     no_act = [Case("fwd+bwd", "none", d, s) for d in DTYPES for s in BENCH_SHAPES]
-    forward = [Case(m, a, d, s) for m in ("fwd-train", "fwd-eval") for d in DTYPES for a in ACTIVATIONS
-               for s in BENCH_SHAPES]  # fmt: skip
+    forward = [
+        Case(m, a, d, s) for m in ("fwd-train", "fwd-eval") for d in DTYPES for a in ACTIVATIONS for s in BENCH_SHAPES
+    ]
     return first + resnet + no_act + forward
 
 
 def smoke_cases() -> list[Case]:
     """Every mode x dtype x activation on the smoke shapes, and the 2-D BN+ReLU / BN+add+ReLU cases."""
-    one_d = [Case(m, a, d, s) for m in ("fwd+bwd", "fwd-train", "fwd-eval") for d in DTYPES for a in ACTIVATIONS
-             for s in SMOKE_SHAPES]  # fmt: skip
-    two_d = [Case("fwd+bwd", "relu", d, s, layout, residual) for residual in (False, True) for layout in LAYOUTS
-             for d in DTYPES for s in SMOKE_2D_SHAPES]  # fmt: skip
+    one_d = [
+        Case(m, a, d, s)
+        for m in ("fwd+bwd", "fwd-train", "fwd-eval")
+        for d in DTYPES
+        for a in ACTIVATIONS
+        for s in SMOKE_SHAPES
+    ]
+    two_d = [
+        Case("fwd+bwd", "relu", d, s, layout, residual)
+        for residual in (False, True)
+        for layout in LAYOUTS
+        for d in DTYPES
+        for s in SMOKE_2D_SHAPES
+    ]
     return one_d + two_d
 
 
@@ -138,8 +162,12 @@ MNIST_SMOKE_CONFIGS = [(8, 8)]
 
 def mnist_params(bench_set: str) -> list[tuple[int, int, str]]:
     """(batch, hidden, model), models innermost (side by side)."""
-    configs = {"smoke": MNIST_SMOKE_CONFIGS, "headline": MNIST_HEADLINE_CONFIGS, "full": MNIST_CONFIGS,
-               "rest": [c for c in MNIST_CONFIGS if c not in MNIST_HEADLINE_CONFIGS]}[bench_set]  # fmt: skip
+    configs = {
+        "smoke": MNIST_SMOKE_CONFIGS,
+        "headline": MNIST_HEADLINE_CONFIGS,
+        "full": MNIST_CONFIGS,
+        "rest": [c for c in MNIST_CONFIGS if c not in MNIST_HEADLINE_CONFIGS],
+    }[bench_set]
     return [(b, h, m) for b, h in configs for m in MNIST_MODELS]
 
 
@@ -164,8 +192,13 @@ def host_overhead_runs(bench_set: str) -> bool:
 TEST_SHAPES = [(2, 3), (32, 32), (67, 5), (2, 3, 7), (1, 8, 300), (130, 40, 3)]
 # typical (N, C) and (N, C, L) uses
 TYPICAL_SHAPES = [(n, c) for n in (16, 128, 1024, 8192) for c in (10, 64, 512, 4096)] + [
-    (4, 16, 50), (4, 16, 4096), (32, 128, 256), (8, 3, 1000), (256, 32, 16), (2, 512, 64),
-]  # fmt: skip
+    (4, 16, 50),
+    (4, 16, 4096),
+    (32, 128, 256),
+    (8, 3, 1000),
+    (256, 32, 16),
+    (2, 512, 64),
+]
 # the largest tile per thread of each plan and layout (single-pass (N, C); split (N, C) and (N, C, L)): where
 # registers peak
 HEAVY_SHAPES = [(256, 1024), (4096, 256), (64, 256, 1024), (8192, 64, 128)]

@@ -74,11 +74,13 @@ def pytest_generate_tests(metafunc):
         params, ids = [], []
         for case in cases.bn_cases(chosen):
             for provider in cases.PROVIDERS:  # innermost: a case's providers run one after another
-                params.append((case.mode, case.activation, case.dtype, case.shape, case.layout, case.residual,
-                               provider))  # fmt: skip
+                params.append(
+                    (case.mode, case.activation, case.dtype, case.shape, case.layout, case.residual, provider)
+                )
                 ids.append(f"{case.id}-{provider}")
-        metafunc.parametrize(("mode", "activation", "dtype", "shape", "layout", "residual", "provider"), params,
-                             ids=ids)  # fmt: skip
+        metafunc.parametrize(
+            ("mode", "activation", "dtype", "shape", "layout", "residual", "provider"), params, ids=ids
+        )
     elif {"batch", "hidden", "model"} <= set(metafunc.fixturenames):
         params = cases.mnist_params(chosen)
         metafunc.parametrize(("batch", "hidden", "model"), params, ids=[cases.mnist_id(*p) for p in params])

@@ -134,8 +134,18 @@ def reference(case: Case, state: dict, x: torch.Tensor, *rest):
     r64 = [r.detach().double().requires_grad_(grad) for r in rest[:-1]]
     w64, b64 = (state[k].double().requires_grad_(grad) for k in ("weight", "bias"))
     act = bnfast_activation(case)
-    z, _, _ = batch_norm_ref(x64, state["running_mean"].double(), state["running_var"].double(), w64, b64,
-                             case.mode != "fwd-eval", MOMENTUM, EPS, None, upcast=True)  # fmt: skip
+    z, _, _ = batch_norm_ref(
+        x64,
+        state["running_mean"].double(),
+        state["running_var"].double(),
+        w64,
+        b64,
+        case.mode != "fwd-eval",
+        MOMENTUM,
+        EPS,
+        None,
+        upcast=True,
+    )
     y = act.apply(z + r64[0] if r64 else z)
     if not grad:
         return (y.detach(),)
@@ -349,14 +359,17 @@ def run_case(benchmark, step, inputs, *, group: str, provider: str, timing: str,
         info["calls_per_round"] = k
     else:
         args = inputs[0]
-        benchmark.pedantic(step, args=args, rounds=HOST_ROUNDS, iterations=HOST_ITERATIONS,
-                           warmup_rounds=HOST_WARMUP_ROUNDS)  # fmt: skip
+        benchmark.pedantic(
+            step, args=args, rounds=HOST_ROUNDS, iterations=HOST_ITERATIONS, warmup_rounds=HOST_WARMUP_ROUNDS
+        )
     # `benchmark.stats` (the Metadata pytest-benchmark writes to its JSON) is the one non-underscore attribute that
     # holds the recorded rounds and the options they were timed with; pytest-benchmark has no other accessor
     used = benchmark.stats.options.get("timer")
     if timing != "host" and used is not CLOCKS[timing]:
-        raise RuntimeError(f"{benchmark.fullname} was timed with {used!r}, not {timing!r}'s clock: mark its module "
-                           f"with `pytestmark = harness.timed_by({timing!r})`")  # fmt: skip
+        raise RuntimeError(
+            f"{benchmark.fullname} was timed with {used!r}, not {timing!r}'s clock: mark its module "
+            f"with `pytestmark = harness.timed_by({timing!r})`"
+        )
     median = benchmark.stats.stats.median
     info["median_us"] = round(median * 1e6, 3)
     record(group, provider, median, info, baselines)

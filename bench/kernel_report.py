@@ -83,8 +83,13 @@ EXTRA_VARIANTS = [("float16", "relu"), ("float64", "relu"), ("bfloat16", "mish")
     ("float32", act) for act in SUPPORTED_ACTIVATIONS if act != "relu"
 ]
 # backward activations that once spilled a few bytes at full-size tiles
-HEAVY_BACKWARD_VARIANTS = [("float32", "gelu"), ("float32", "gelu_tanh"), ("float32", "tanh"), ("float32", "sigmoid"),
-                           ("bfloat16", "mish")]  # fmt: skip
+HEAVY_BACKWARD_VARIANTS = [
+    ("float32", "gelu"),
+    ("float32", "gelu_tanh"),
+    ("float32", "tanh"),
+    ("float32", "sigmoid"),
+    ("bfloat16", "mish"),
+]
 # matrix -> [(shapes, variants[, layouts[, plan]])] (layouts default to contiguous only; plan, if given, is the
 # `bnfast.testing.force_plan` arguments the block is recorded under); a configuration is compiled once however many
 # blocks reach it.
@@ -161,8 +166,9 @@ def _record_sync_stages(launch, x, mean, rstd, world=3):
     part, shift = launch.stats_partial(x3, cfg)
     gathered = torch.empty((world, 4, x3.C), dtype=part.dtype, device=x.device)
     launch.stats_merge(part, shift, out=gathered[0])
-    launch.stats_finalize(gathered.transpose(0, 1)[:3], gathered[:, 3], mean, rstd, None, None, eps=1e-5,
-                          momentum=0.1, cumulative=False)  # fmt: skip
+    launch.stats_finalize(
+        gathered.transpose(0, 1)[:3], gathered[:, 3], mean, rstd, None, None, eps=1e-5, momentum=0.1, cumulative=False
+    )
 
 
 def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_counts=SM_COUNTS):
@@ -188,21 +194,50 @@ def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_cou
             for training in (True, False):
                 with recording() as log, force_plan(*plan) if plan else contextlib.nullcontext():
                     y, mean, rstd = launch.bn_fwd(
-                        x, w, b, rm, rv, None, training=training, momentum=0.1, cumulative=False, eps=1e-5,
-                        activation=act, act_param=0.0, residual=residual,
-                    )  # fmt: skip
+                        x,
+                        w,
+                        b,
+                        rm,
+                        rv,
+                        None,
+                        training=training,
+                        momentum=0.1,
+                        cumulative=False,
+                        eps=1e-5,
+                        activation=act,
+                        act_param=0.0,
+                        residual=residual,
+                    )
                     saved = (mean, rstd) if training else (rm, rv)
-                    launch.bn_bwd(torch.empty_like(y), x, w, b, *saved, training=training, eps=1e-5, activation=act,
-                                  act_param=0.0, residual=residual, needs_dr=residual is not None)  # fmt: skip
+                    launch.bn_bwd(
+                        torch.empty_like(y),
+                        x,
+                        w,
+                        b,
+                        *saved,
+                        training=training,
+                        eps=1e-5,
+                        activation=act,
+                        act_param=0.0,
+                        residual=residual,
+                        needs_dr=residual is not None,
+                    )
                     if "sync" in extra and training:
                         _record_sync_stages(launch, x, mean, rstd)
                 for name, _grid, args, kwargs in log:
                     mode = "train" if training else "eval"
-                    ctx = dict(shape=shape, layout=layout, dtype=dtype_name, mode=mode, sms=sms,
-                               activation=(act or "none") + ("+residual" if residual is not None else ""),
-                               plan=plan[0] if plan else "auto")  # fmt: skip
-                    out.append((name, tuple(_describe(a) for a in args),
-                                {k: _describe(v) for k, v in kwargs.items()}, ctx))  # fmt: skip
+                    ctx = dict(
+                        shape=shape,
+                        layout=layout,
+                        dtype=dtype_name,
+                        mode=mode,
+                        sms=sms,
+                        activation=(act or "none") + ("+residual" if residual is not None else ""),
+                        plan=plan[0] if plan else "auto",
+                    )
+                    out.append(
+                        (name, tuple(_describe(a) for a in args), {k: _describe(v) for k, v in kwargs.items()}, ctx)
+                    )
     finally:
         launch._sm_count = saved_sm_count
     return out
@@ -261,8 +296,16 @@ def config_key(name, args, kwargs):
 
     a, k = _materialize(args, kwargs)
     signature, constexprs, attrs, options = _bind(_kernel(name), a, k, GPUTarget("cuda", 90, 32))
-    return repr((name, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()),
-                 options.num_warps, options.num_stages))  # fmt: skip
+    return repr(
+        (
+            name,
+            sorted(signature.items()),
+            sorted(constexprs.items()),
+            sorted(attrs.items()),
+            options.num_warps,
+            options.num_stages,
+        )
+    )
 
 
 _PTXAS_RE = {
@@ -287,14 +330,18 @@ def access_widths(ptx: str) -> dict[str, dict[int, int]]:
 
 
 # per-SM limits of the two archs (CUDA occupancy calculator): registers, threads, CTAs, shared memory (bytes)
-SM_LIMITS = {80: dict(regs=65536, threads=2048, ctas=32, smem=167936), 90: dict(regs=65536, threads=2048, ctas=32,
-                                                                                   smem=233472)}  # fmt: skip
+SM_LIMITS = {
+    80: dict(regs=65536, threads=2048, ctas=32, smem=167936),
+    90: dict(regs=65536, threads=2048, ctas=32, smem=233472),
+}
 MIN_CTAS_PER_SM = 2  # below this a kernel's latency is hidden by one CTA's warps alone
 # approximate instructions in compiled code (the interpreter computes in IEEE numpy): what the GPU may round
 # differently from the CPU tests
-_APPROX = re.compile(r"\b(div\.full\.f32|div\.approx\.f32|ex2\.approx(?:\.ftz)?\.f32|lg2\.approx(?:\.ftz)?\.f32|"
-                     r"rsqrt\.approx(?:\.ftz)?\.f(?:32|64)|sqrt\.approx(?:\.ftz)?\.f32|rcp\.approx(?:\.ftz)?\.f(?:32|64)|"
-                     r"tanh\.approx\.f32|sin\.approx(?:\.ftz)?\.f32|cos\.approx(?:\.ftz)?\.f32)\b")  # fmt: skip
+_APPROX = re.compile(
+    r"\b(div\.full\.f32|div\.approx\.f32|ex2\.approx(?:\.ftz)?\.f32|lg2\.approx(?:\.ftz)?\.f32|"
+    r"rsqrt\.approx(?:\.ftz)?\.f(?:32|64)|sqrt\.approx(?:\.ftz)?\.f32|rcp\.approx(?:\.ftz)?\.f(?:32|64)|"
+    r"tanh\.approx\.f32|sin\.approx(?:\.ftz)?\.f32|cos\.approx(?:\.ftz)?\.f32)\b"
+)
 
 
 def ctas_per_sm(regs: int, num_warps: int, smem: int, arch: int) -> int:
@@ -332,8 +379,9 @@ def compile_one(job):
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):  # Triton prints the ptxas log when dump_ptxas_log is set
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)  # fmt: skip
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
     except Exception as e:  # reported, not raised: one broken configuration must not hide the others
         root = e
         while root.__cause__ is not None:
@@ -439,8 +487,9 @@ def run(matrix="ci", archs=ARCHS, jobs=None):
         for j, arch in enumerate(archs):
             row[f"sm{arch}"] = results[i * len(archs) + j]
         rows.append(row)
-    rows.sort(key=lambda r: (_KERNEL_ORDER.index(r["kernel"]), r["dtype"], r["activation"], r["mode"],
-                             r["example_shape"]))  # fmt: skip
+    rows.sort(
+        key=lambda r: (_KERNEL_ORDER.index(r["kernel"]), r["dtype"], r["activation"], r["mode"], r["example_shape"])
+    )
     return {
         "matrix": matrix,
         "archs": list(archs),
@@ -456,10 +505,16 @@ def run(matrix="ci", archs=ARCHS, jobs=None):
 
 
 _KERNEL_ORDER = [
-    "_bn_fwd_single_kernel", "_bn_stats_partial_kernel", "_bn_stats_merge_kernel", "_bn_stats_finalize_kernel",
+    "_bn_fwd_single_kernel",
+    "_bn_stats_partial_kernel",
+    "_bn_stats_merge_kernel",
+    "_bn_stats_finalize_kernel",
     "_bn_normalize_kernel",
-    "_bn_bwd_single_kernel", "_bn_grad_partial_kernel", "_bn_grad_finalize_kernel", "_bn_grad_input_kernel",
-]  # fmt: skip
+    "_bn_bwd_single_kernel",
+    "_bn_grad_partial_kernel",
+    "_bn_grad_finalize_kernel",
+    "_bn_grad_input_kernel",
+]
 
 
 def _ptxas_version():
@@ -525,16 +580,29 @@ def format_table(report) -> str:
     for r in report["rows"]:
         blocks = "x".join(str(r[k]) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S") if r[k] is not None)
         blocks = blocks or f"{r['BLOCK_SPLITS']} splits x {r['BLOCK_C']}"
-        cells = [r["kernel"].removeprefix("_bn_").removesuffix("_kernel"), r["mode"], r["dtype"], r["activation"],
-                 "x".join(map(str, r["example_shape"])) + ("" if not r["expect_vec128"] else " *"), blocks,
-                 str(r["num_warps"])]  # fmt: skip
+        cells = [
+            r["kernel"].removeprefix("_bn_").removesuffix("_kernel"),
+            r["mode"],
+            r["dtype"],
+            r["activation"],
+            "x".join(map(str, r["example_shape"])) + ("" if not r["expect_vec128"] else " *"),
+            blocks,
+            str(r["num_warps"]),
+        ]
         for arch in archs:
             m = r[f"sm{arch}"]
             if "error" in m:
                 cells += ["COMPILE ERROR", "", "", "", "", "", ""]
             else:
-                cells += [str(m["regs"]), str(m["ctas_per_sm"]), _fmt_spill(m), str(m["smem"]), f"{m['ld']}b",
-                          f"{m['st']}b", " ".join(sorted(m["approx"])) or "-"]  # fmt: skip
+                cells += [
+                    str(m["regs"]),
+                    str(m["ctas_per_sm"]),
+                    _fmt_spill(m),
+                    str(m["smem"]),
+                    f"{m['ld']}b",
+                    f"{m['st']}b",
+                    " ".join(sorted(m["approx"])) or "-",
+                ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -578,9 +646,13 @@ def vec128_ok(row, arch) -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--matrix", choices=list(MATRICES), default="default",
-                        help="ci: bench + test shapes, 3 dtype/activation pairs; default: all pairs; full: "
-                        "default + typical (N, C) and (N, C, L) shapes")  # fmt: skip
+    parser.add_argument(
+        "--matrix",
+        choices=list(MATRICES),
+        default="default",
+        help="ci: bench + test shapes, 3 dtype/activation pairs; default: all pairs; full: "
+        "default + typical (N, C) and (N, C, L) shapes",
+    )
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="CUDA compute capabilities")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")

@@ -79,7 +79,7 @@ while [ $# -gt 0 ]; do
 done
 BUDGET=${BNFAST_GPU_BUDGET_S:-$([ $MODE = headline ] && echo 315 || echo 540)}
 
-# bnfast.kernels is the top-level kernels/ folder, mapped by setup.py: a fresh tree needs the editable install
+# bnfast.kernels is the top-level kernels/ folder, mapped by pyproject.toml: a fresh tree needs the editable install
 # (offline: no dependencies, no build isolation; ~10 s of the budget)
 START=$(date +%s)
 if ! $PY -c "import bnfast.kernels" >/dev/null 2>&1; then

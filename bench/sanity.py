@@ -55,8 +55,12 @@ def environment() -> dict:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_GiB=round(props.total_memory / 2**30, 1))  # fmt: skip
+        info.update(
+            device=props.name,
+            sm=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            memory_GiB=round(props.total_memory / 2**30, 1),
+        )
     return info
 
 

@@ -143,8 +143,21 @@ def _shape(info):
 
 
 def bn_table(cases: dict, reasons: dict, select=None) -> list[str]:
-    head = ["mode", "act", "dtype", "shape", "bnfast us", "eager us", "compile us", "bnfast GB/s", "of copy BW",
-            "vs eager", "vs compile", "host us bnfast/eager", "targets"]  # fmt: skip
+    head = [
+        "mode",
+        "act",
+        "dtype",
+        "shape",
+        "bnfast us",
+        "eager us",
+        "compile us",
+        "bnfast GB/s",
+        "of copy BW",
+        "vs eager",
+        "vs compile",
+        "host us bnfast/eager",
+        "targets",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case_id, case in cases.items():
         info = case["info"]
@@ -155,10 +168,21 @@ def bn_table(cases: dict, reasons: dict, select=None) -> list[str]:
         flag = "; ".join(missed) if missed else "met" if ours else ""
         if missed and case_id in reasons:
             flag += f" -- {reasons[case_id]}"
-        cells = [info["mode"], info["activation"], info["dtype"], _shape(info), _us(case.get("bnfast")),
-                 _us(case.get("eager")), _us(case.get("compile")), f"{ours['GBps']:.1f}" if "GBps" in ours else "",
-                 f"{ours['frac_of_copy_bw']:.0%}" if "frac_of_copy_bw" in ours else "", _ratio(case, "eager"),
-                 _ratio(case, "compile"), _host(case), flag]  # fmt: skip
+        cells = [
+            info["mode"],
+            info["activation"],
+            info["dtype"],
+            _shape(info),
+            _us(case.get("bnfast")),
+            _us(case.get("eager")),
+            _us(case.get("compile")),
+            f"{ours['GBps']:.1f}" if "GBps" in ours else "",
+            f"{ours['frac_of_copy_bw']:.0%}" if "frac_of_copy_bw" in ours else "",
+            _ratio(case, "eager"),
+            _ratio(case, "compile"),
+            _host(case),
+            flag,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -168,8 +192,10 @@ def mnist_table(run: dict) -> list[str]:
     for b in run["benchmarks"]:
         info = b.get("extra_info", {})
         if "model" in info and "hidden" in info:
-            groups.setdefault((info["batch"], info["hidden"]), {})[info["model"]] = {"median": b["stats"]["median"],
-                                                                                     **info}  # fmt: skip
+            groups.setdefault((info["batch"], info["hidden"]), {})[info["model"]] = {
+                "median": b["stats"]["median"],
+                **info,
+            }
     if not groups:
         return []
     head = [
@@ -186,8 +212,9 @@ def mnist_table(run: dict) -> list[str]:
     for (batch, hidden), g in sorted(groups.items()):
         t = {m: g[m]["median"] for m in MNIST_MODELS if m in g}
         ops = ", ".join(str(g.get(m, {}).get("gpu_ops_per_step", "")) for m in ("no-BN", "torch-BN", "bnfast"))
-        launches = ", ".join(str(g.get(m, {}).get("host_launches_per_step", ""))
-                             for m in ("torch-BN", "bnfast", "bnfast+graph"))  # fmt: skip
+        launches = ", ".join(
+            str(g.get(m, {}).get("host_launches_per_step", "")) for m in ("torch-BN", "bnfast", "bnfast+graph")
+        )
         pairs = (("bnfast", "torch-BN"), ("bnfast+graph", "torch-BN+graph"))
         vs = [f"{t[base] / t[m]:.2f}x" if base in t and m in t else "" for m, base in pairs]
         graphed = ("bnfast+graph", "no-BN+graph")
@@ -216,8 +243,10 @@ def run_info(run: dict, command: str | None, env: dict | None = None) -> list[st
     ]
     if command:
         lines.append(f"- command: `{command}`")
-    lines.append("- times: median device time per call (CUDA events; bench/harness.py); GB/s counts the minimum "
-                 "bytes of bench/traffic.py; MNIST: wall clock per step")  # fmt: skip
+    lines.append(
+        "- times: median device time per call (CUDA events; bench/harness.py); GB/s counts the minimum "
+        "bytes of bench/traffic.py; MNIST: wall clock per step"
+    )
     return lines
 
 
@@ -228,13 +257,17 @@ def checks_lines(sanity: dict | None, parity: dict | None) -> list[str]:
         bad = [f"{c['id']}: {c['error'].splitlines()[0]}" for c in sanity.get("cases", []) if "error" in c]
         verdict = "ok" if sanity.get("ok") else "FAILED"
         passed = len(sanity.get("cases", [])) - len(bad)
-        lines.append(f"- sanity (bnfast fwd+bwd vs float64 on CUDA): {verdict}, {passed} cases passed"
-                     + "".join(f"; {b}" for b in bad))  # fmt: skip
+        lines.append(
+            f"- sanity (bnfast fwd+bwd vs float64 on CUDA): {verdict}, {passed} cases passed"
+            + "".join(f"; {b}" for b in bad)
+        )
     if parity is not None:
         passed = parity["tests"] - parity["failures"] - parity["errors"] - parity["skipped"]
         counts = f"{parity['failures']} failed, {parity['errors']} errors, {parity['skipped']} skipped"
-        lines.append(f"- parity tests on CUDA: {passed} passed, {counts}"
-                     + "".join(f"\n  - FAILED {f}" for f in parity["failed"]))  # fmt: skip
+        lines.append(
+            f"- parity tests on CUDA: {passed} passed, {counts}"
+            + "".join(f"\n  - FAILED {f}" for f in parity["failed"])
+        )
     return lines
 
 
@@ -275,8 +308,9 @@ def plot(cases: dict, path: Path, copy_gbps) -> bool:
     return True
 
 
-def summarize(json_paths, out_dir, reasons_path=None, command=None, env_path=None, sanity_path=None,
-              parity_paths=()) -> dict:  # fmt: skip
+def summarize(
+    json_paths, out_dir, reasons_path=None, command=None, env_path=None, sanity_path=None, parity_paths=()
+) -> dict:
     if isinstance(json_paths, str | Path):
         json_paths = [json_paths]
     run = load_runs(json_paths)
@@ -293,8 +327,21 @@ def summarize(json_paths, out_dir, reasons_path=None, command=None, env_path=Non
     missed = {cid: misses(c) for cid, c in cases.items() if misses(c)}
     mnist = mnist_table(run)
     mnist_md = ["## MNIST training step (wall clock per step, host included)", "", *mnist, ""] if mnist else []
-    md = ["# bnfast benchmarks", "", *info, "", "## Headline: fwd+bwd BatchNorm + ReLU", "", *headline, "",
-          *mnist_md, "## Every case", "", *bn_table(cases, reasons), ""]  # fmt: skip
+    md = [
+        "# bnfast benchmarks",
+        "",
+        *info,
+        "",
+        "## Headline: fwd+bwd BatchNorm + ReLU",
+        "",
+        *headline,
+        "",
+        *mnist_md,
+        "## Every case",
+        "",
+        *bn_table(cases, reasons),
+        "",
+    ]
     md += [f"Targets missed: {len(missed)} of {len(cases)} cases." if cases else "No BatchNorm results in this run."]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     (out / "headline.md").write_text("\n".join([*info, "", *headline, "", *mnist_md]) + "\n")
@@ -316,8 +363,10 @@ def main(argv=None):
         parser.error("--out is needed without a JSON")
     out = args.out or Path(args.json[0]).parent
     result = summarize(args.json, out, args.reasons, args.command, args.env, args.sanity, args.parity)
-    print(f"{result['cases']} cases, {len(result['missed'])} missing a target; wrote {result['out']}/summary.md"
-          + (", gbps_vs_size.png" if result["plot"] else ""))  # fmt: skip
+    print(
+        f"{result['cases']} cases, {len(result['missed'])} missing a target; wrote {result['out']}/summary.md"
+        + (", gbps_vs_size.png" if result["plot"] else "")
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,17 @@ pytestmark = harness.timed_by("device")
 
 def test_batch_norm(benchmark, case, provider, device, copy_bandwidth):
     info = benchmark.extra_info
-    info.update(mode=case.mode, activation=case.activation, dtype=case.dtype, shape=list(case.shape),
-                layout=case.layout, residual=case.residual, provider=provider, min_bytes=case.min_bytes(),
-                standalone_bytes=case.standalone_bytes())  # fmt: skip
+    info.update(
+        mode=case.mode,
+        activation=case.activation,
+        dtype=case.dtype,
+        shape=list(case.shape),
+        layout=case.layout,
+        residual=case.residual,
+        provider=provider,
+        min_bytes=case.min_bytes(),
+        standalone_bytes=case.standalone_bytes(),
+    )
     copies = 1 if benchmark.disabled else harness.rotation_copies(case, device)
     inputs = harness.make_inputs(case, device, copies)
     module = harness.build_module(provider, case, device)
@@ -33,8 +41,16 @@ def test_batch_norm(benchmark, case, provider, device, copy_bandwidth):
     def check(outputs):
         return {"max_err": harness.check(outputs, expected, case.torch_dtype)}
 
-    median = harness.run_case(benchmark, harness.make_step(module, case), inputs, group=case.id, provider=provider,
-                              timing="device", check=check, baselines=("eager", "compile"))  # fmt: skip
+    median = harness.run_case(
+        benchmark,
+        harness.make_step(module, case),
+        inputs,
+        group=case.id,
+        provider=provider,
+        timing="device",
+        check=check,
+        baselines=("eager", "compile"),
+    )
     if median is None:  # --benchmark-disable
         return
     info.update(

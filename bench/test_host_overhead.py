@@ -93,9 +93,13 @@ def measure(rounds: int, iterations: int) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     driver = contextlib.nullcontext() if cuda else testing.standin_driver()
     inputs = getattr(bnfast.ops, "EAGER_INPUTS", 13)  # the eager autograd entry's input count
-    out = {"versions": {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]},
-           "device": "cuda" if cuda else "cpu, stand-in driver (sm_90)", "floor_inputs": inputs,
-           "us": {m: {} for m in MODES}, "launches": {}}  # fmt: skip
+    out = {
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]},
+        "device": "cuda" if cuda else "cpu, stand-in driver (sm_90)",
+        "floor_inputs": inputs,
+        "us": {m: {} for m in MODES},
+        "launches": {},
+    }
     with driver as standin:
         x = torch.randn(SHAPE, device=device, requires_grad=True)
         dy = torch.randn(SHAPE, device=device)
@@ -181,11 +185,16 @@ def format_table(result: dict) -> str:
         ("autograd floor: 4 inputs (x, weight, bias, one object), y alone", "floor-4in-1out"),
         ("torch F.batch_norm + relu, computing", "torch"),
     ]
-    lines = [f"host time per layer call, {SHAPE[0]}x{SHAPE[1]}, {result['device']}; {result['versions']}",
-             "| per layer call | forward | forward+backward |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        f"host time per layer call, {SHAPE[0]}x{SHAPE[1]}, {result['device']}; {result['versions']}",
+        "| per layer call | forward | forward+backward |",
+        "|---|---|---|",
+    ]
     lines += [f"| {label} | {us['fwd'][p]:.1f} us | {us['fwd+bwd'][p]:.1f} us |" for label, p in rows]
-    lines.append(f"| Triton's share per launch: direct / kernel[grid] | | {d['triton_per_launch_direct']:.1f} / "
-                 f"{d['triton_per_launch_grid']:.1f} us ({d['launches_per_fwd_bwd']} launches) |")  # fmt: skip
+    lines.append(
+        f"| Triton's share per launch: direct / kernel[grid] | | {d['triton_per_launch_direct']:.1f} / "
+        f"{d['triton_per_launch_grid']:.1f} us ({d['launches_per_fwd_bwd']} launches) |"
+    )
     return "\n".join(lines)
 
 
@@ -194,8 +203,17 @@ def run_subprocess(rounds: int, iterations: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "bench.test_host_overhead", "--rounds", str(rounds), "--iterations",
-           str(iterations), "--json", "-"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.test_host_overhead",
+        "--rounds",
+        str(rounds),
+        "--iterations",
+        str(iterations),
+        "--json",
+        "-",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

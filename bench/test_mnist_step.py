@@ -28,8 +28,7 @@ from bench import harness
 
 BATCHES = 8
 pytestmark = harness.timed_by("synced")
-HOST_LAUNCH_PREFIXES = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cudaMemcpy", "cudaMemset", "cuMemcpy",
-                        "cuMemset")  # fmt: skip
+HOST_LAUNCH_PREFIXES = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cudaMemcpy", "cudaMemset", "cuMemcpy", "cuMemset")
 
 
 def build_mlp(hidden: int, model: str, device) -> nn.Sequential:
@@ -104,8 +103,13 @@ def test_mnist_step(benchmark, batch, hidden, model, device):
     info = benchmark.extra_info
     info.update(batch=batch, hidden=hidden, model=model)
     gen = torch.Generator(device=device).manual_seed(0)
-    batches = [(torch.rand(batch, 28 * 28, generator=gen, device=device),
-                torch.randint(0, 10, (batch,), generator=gen, device=device)) for _ in range(BATCHES)]  # fmt: skip
+    batches = [
+        (
+            torch.rand(batch, 28 * 28, generator=gen, device=device),
+            torch.randint(0, 10, (batch,), generator=gen, device=device),
+        )
+        for _ in range(BATCHES)
+    ]
     step, mlp = make_step(model, hidden, device, batches)
     before = [p.detach().clone() for p in mlp.parameters()]
 
@@ -114,8 +118,15 @@ def test_mnist_step(benchmark, batch, hidden, model, device):
         assert any(not torch.equal(a, p) for a, p in zip(before, mlp.parameters(), strict=True)), "Adam did not update"
         return {"first_loss": round(loss.item(), 4)}
 
-    median = harness.run_case(benchmark, step, batches, group=f"mnist step batch={batch} hidden={hidden}",
-                              provider=model, timing="synced", check=check,
-                              baselines=("torch-BN", "no-BN", "no-BN+graph"))  # fmt: skip
+    median = harness.run_case(
+        benchmark,
+        step,
+        batches,
+        group=f"mnist step batch={batch} hidden={hidden}",
+        provider=model,
+        timing="synced",
+        check=check,
+        baselines=("torch-BN", "no-BN", "no-BN+graph"),
+    )
     if median is not None:
         info.update(count_launches(step, batches))  # after the timing: the profiler never overlaps it

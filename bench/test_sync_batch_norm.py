@@ -51,13 +51,27 @@ class ForcedSync(nn.Module):
         if self.provider == "torch-sync":
             from torch.nn.modules._functions import SyncBatchNorm
 
-            return SyncBatchNorm.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, bn.momentum,
-                                       self.group, 1)  # fmt: skip
+            return SyncBatchNorm.apply(
+                x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, bn.momentum, self.group, 1
+            )
         from bnfast.distributed import SyncBatchNormFunction
 
         bn.num_batches_tracked.add_(1)
-        return SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, None, bn.momentum,
-                                           False, bn.eps, "", 0.0, self.group, 1)  # fmt: skip
+        return SyncBatchNormFunction.apply(
+            x,
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            None,
+            bn.momentum,
+            False,
+            bn.eps,
+            "",
+            0.0,
+            self.group,
+            1,
+        )
 
 
 def _module(provider, case, device, group):
@@ -70,8 +84,7 @@ def test_sync_bn(benchmark, sync_shape, provider, device, process_group, copy_ba
     case = harness.Case("fwd+bwd", "none", "float32", tuple(sync_shape))
     info = benchmark.extra_info
     # no "mode" key: bench/summarize.py's BatchNorm tables (bnfast vs eager vs compile) take results that have one
-    info.update(sync_case=case.id, shape=list(case.shape), provider=provider, min_bytes=case.min_bytes(),
-                world_size=1)  # fmt: skip
+    info.update(sync_case=case.id, shape=list(case.shape), provider=provider, min_bytes=case.min_bytes(), world_size=1)
     if provider == "torch-sync" and device.type != "cuda":
         pytest.skip("torch's SyncBatchNorm kernels (batch_norm_stats, ...) are CUDA-only")
     copies = 1 if benchmark.disabled else harness.rotation_copies(case, device)
@@ -82,9 +95,16 @@ def test_sync_bn(benchmark, sync_shape, provider, device, process_group, copy_ba
     def check(outputs):
         return {"max_err": harness.check(outputs, expected, case.torch_dtype)}
 
-    median = harness.run_case(benchmark, harness.make_step(module, case), inputs, group=f"sync {case.id}",
-                              provider=provider, timing="device", check=check,
-                              baselines=("torch-sync", "bnfast"))  # fmt: skip
+    median = harness.run_case(
+        benchmark,
+        harness.make_step(module, case),
+        inputs,
+        group=f"sync {case.id}",
+        provider=provider,
+        timing="device",
+        check=check,
+        baselines=("torch-sync", "bnfast"),
+    )
     if median is None:
         return
     C = case.shape[1]

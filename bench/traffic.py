@@ -40,8 +40,15 @@ def min_bytes(mode: str, shape, elem_size: int, param_size: int | None = None, r
 
 def standalone_bytes(mode: str, shape, elem_size: int, param_size: int | None = None, residual: bool = False):
     """Bytes a standalone BatchNorm moves on a tensor larger than the chip keeps (see the module docstring)."""
-    return _bytes(mode, shape, elem_size, param_size, {"fwd-train": 3, "fwd-eval": 2, "fwd+bwd": 8}, residual,
-                  extra_residual_read=True)  # fmt: skip
+    return _bytes(
+        mode,
+        shape,
+        elem_size,
+        param_size,
+        {"fwd-train": 3, "fwd-eval": 2, "fwd+bwd": 8},
+        residual,
+        extra_residual_read=True,
+    )
 
 
 def _bytes(mode, shape, elem_size, param_size, passes, residual, extra_residual_read=False) -> int:

@@ -3,7 +3,7 @@
 A call reads top-down: `FusedBatchNorm1d.forward` (modules) -> `functional.batch_norm_impl` (checks, routing)
 -> `ops` (autograd: one setup and backward for the eager Function and the torch.library op) ->
 `kernels.launch` (stages) -> `kernels.batch_norm` (Triton). Nothing imports upward. `kernels/` is installed as
-`bnfast.kernels` (setup.py); a source checkout is used through `pip install -e .`.
+`bnfast.kernels` (pyproject.toml); a source checkout is used through `pip install -e .`.
 """
 
 from . import guards, testing

@@ -103,8 +103,11 @@ def activation_of_module(module: nn.Module) -> Activation | None:
     """
     kind = type(module)
     if kind is nn.GELU:
-        return Activation({"tanh": "gelu_tanh", "none": "gelu"}[module.approximate]) if module.approximate in (
-            "tanh", "none") else None  # fmt: skip
+        return (
+            Activation({"tanh": "gelu_tanh", "none": "gelu"}[module.approximate])
+            if module.approximate in ("tanh", "none")
+            else None
+        )
     for name, info in ACTIVATIONS.items():
         if name == "gelu_tanh" or kind is not getattr(nn, info.torch_module):
             continue

@@ -60,9 +60,15 @@ def _is_plain_bn(module: nn.Module) -> bool:
 
 def _fused_from(bn: nn.modules.batchnorm._BatchNorm, activation=None) -> FusedBatchNormBase:
     fused = _FUSED_TYPE[type(bn)](
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
-        bias=bn.bias is not None if bn.affine else True, activation=activation,
-    )  # fmt: skip
+        bn.num_features,
+        bn.eps,
+        bn.momentum,
+        bn.affine,
+        bn.track_running_stats,
+        device="meta",
+        bias=bn.bias is not None if bn.affine else True,
+        activation=activation,
+    )
     return adopt_state(fused, bn)
 
 
@@ -94,15 +100,30 @@ def fused_replacement(module: nn.Module) -> nn.Module | None:
         return _frozen_from(module, activation)
     if kind is timm.get("SyncBatchNormAct"):
         new = FusedSyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-            module.process_group, device="meta", bias=module.bias is not None if module.affine else True,
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            module.process_group,
+            device="meta",
+            bias=module.bias is not None if module.affine else True,
             activation=activation,
-        )  # fmt: skip
+        )
         return adopt_state(new, module)
-    return adopt_state(FusedBatchNorm2d(
-        module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, device="meta",
-        bias=module.bias is not None if module.affine else True, activation=activation,
-    ), module)  # fmt: skip
+    return adopt_state(
+        FusedBatchNorm2d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device="meta",
+            bias=module.bias is not None if module.affine else True,
+            activation=activation,
+        ),
+        module,
+    )
 
 
 def _fusable_with_next(new: nn.Module) -> bool:

@@ -92,8 +92,21 @@ def _check_inputs(x, weight, bias, running_mean, running_var, eps) -> None:
     functional._torch_verdict(x, rm, rv, weight, bias, False, eps)
 
 
-def sync_batch_norm_impl(x, running_mean, running_var, weight, bias, training, bn_training, momentum, eps,
-                         act: Activation, num_batches_tracked, count_batch: bool, process_group):  # fmt: skip
+def sync_batch_norm_impl(
+    x,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    bn_training,
+    momentum,
+    eps,
+    act: Activation,
+    num_batches_tracked,
+    count_batch: bool,
+    process_group,
+):
     """FusedSyncBatchNorm's forward after the module's bookkeeping: `training` is the module's flag, `bn_training`
     whether batch statistics are used (training, or no buffers), `count_batch` whether to increment
     num_batches_tracked (after the checks, so that a rejected call changes nothing)."""
@@ -103,22 +116,46 @@ def sync_batch_norm_impl(x, running_mean, running_var, weight, bias, training, b
         raise ValueError("SyncBatchNorm number of input channels should be non-zero")
     world = sync_world_size(process_group) if training and bn_training else 1
     if world == 1:
-        return functional.batch_norm_impl(x, running_mean, running_var, weight, bias, bn_training, momentum, eps,
-                                          act, num_batches_tracked, count_batch)  # fmt: skip
+        return functional.batch_norm_impl(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            bn_training,
+            momentum,
+            eps,
+            act,
+            num_batches_tracked,
+            count_batch,
+        )
     group = process_group_of(process_group)
     _check_device(x, group)
     _check_inputs(x, weight, bias, running_mean, running_var, eps)
     cumulative = momentum is None and num_batches_tracked is not None  # without the counter: factor 0, as torch
     if count_batch:
         num_batches_tracked.add_(1)
-    return _synced(x, weight, bias, running_mean, running_var, num_batches_tracked if cumulative else None,
-                   0.0 if momentum is None else float(momentum), cumulative, eps, act, group, world)  # fmt: skip
+    return _synced(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked if cumulative else None,
+        0.0 if momentum is None else float(momentum),
+        cumulative,
+        eps,
+        act,
+        group,
+        world,
+    )
 
 
 @torch.compiler.disable
 def _synced(x, weight, bias, running_mean, running_var, nbt, momentum, cumulative, eps, act, group, world):
-    return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, nbt, momentum, cumulative, eps,
-                                       act.name, act.param, group, world)  # fmt: skip
+    return SyncBatchNormFunction.apply(
+        x, weight, bias, running_mean, running_var, nbt, momentum, cumulative, eps, act.name, act.param, group, world
+    )
 
 
 def _gather_rows(local: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -146,25 +183,37 @@ class _KernelStages:
     def finalize(rows, running, nbt, *, eps, momentum, cumulative):
         C = rows.shape[2]
         mean, rstd = (torch.empty(C, dtype=rows.dtype, device=rows.device) for _ in range(2))
-        launch.stats_finalize(rows[:, :3].transpose(0, 1), rows[:, 3], mean, rstd, running, nbt, eps=eps,
-                              momentum=momentum, cumulative=cumulative)  # fmt: skip
+        launch.stats_finalize(
+            rows[:, :3].transpose(0, 1),
+            rows[:, 3],
+            mean,
+            rstd,
+            running,
+            nbt,
+            eps=eps,
+            momentum=momentum,
+            cumulative=cumulative,
+        )
         return mean, rstd
 
     @staticmethod
     def normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act):
-        launch.normalize(x3, y3, weight, bias, mean, rstd, cfg, stat_is_var=False, eps=0.0, activation=act.name,
-                         act_param=act.param)  # fmt: skip
+        launch.normalize(
+            x3, y3, weight, bias, mean, rstd, cfg, stat_is_var=False, eps=0.0, activation=act.name, act_param=act.param
+        )
 
     @staticmethod
     def grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act):
-        part = launch.grad_partial(dy3, x3, weight, bias, mean, rstd, cfg, training=True, eps=0.0,
-                                   activation=act.name, act_param=act.param)  # fmt: skip
+        part = launch.grad_partial(
+            dy3, x3, weight, bias, mean, rstd, cfg, training=True, eps=0.0, activation=act.name, act_param=act.param
+        )
         return launch.grad_finalize(part, dw, db)
 
     @staticmethod
     def grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, mean_sums, cfg, act):
-        launch.grad_input(dy3, x3, dx3, weight, bias, mean, rstd, mean_sums, cfg, count=1, activation=act.name,
-                          act_param=act.param)  # fmt: skip
+        launch.grad_input(
+            dy3, x3, dx3, weight, bias, mean, rstd, mean_sums, cfg, count=1, activation=act.name, act_param=act.param
+        )
 
 
 def _channel_rows(t: torch.Tensor, acc) -> torch.Tensor:
@@ -250,8 +299,22 @@ class SyncBatchNormFunction(torch.autograd.Function):
     activation parameter, process group, world size); returns y. The running stats are updated in place."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, nbt, momentum, cumulative, eps, activation,
-                act_param, group, world):  # fmt: skip
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        nbt,
+        momentum,
+        cumulative,
+        eps,
+        activation,
+        act_param,
+        group,
+        world,
+    ):
         act = Activation(activation, act_param)
         stages = _KernelStages if functional.uses_triton(x) else _TorchStages
         acc = launch.acc_dtype(x.dtype)

@@ -105,9 +105,11 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         graph = Tracer().trace(model)
     except Exception as error:  # noqa: BLE001 - whatever fx raises, the Sequential pairs stand
-        warnings.warn(f"bnfast.fold: torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0] if str(error) else ''}); folding pairs in nn.Sequential only",
-                      stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"bnfast.fold: torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); folding pairs in nn.Sequential only",
+            stacklevel=3,
+        )
         for parent in model.modules():
             if type(parent) is nn.Sequential:  # exactly: a subclass may override forward
                 children = list(parent)

@@ -87,8 +87,9 @@ def _torch_verdict(x, running_mean, running_var, weight, bias, training, eps):
     """Run torch's batch_norm on the same tensors (stats cloned: no state changes) and let its error propagate."""
     clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
     with torch.no_grad():
-        F.batch_norm(x.detach(), clone(running_mean), clone(running_var), clone(weight), clone(bias), training, 0.1,
-                     eps)  # fmt: skip
+        F.batch_norm(
+            x.detach(), clone(running_mean), clone(running_var), clone(weight), clone(bias), training, 0.1, eps
+        )
     if x.dim() < 2 or x.dtype not in _SUPPORTED_DTYPES:  # torch accepted what bnfast cannot compute
         raise ValueError(f"bnfast.batch_norm: unsupported input ({x.dim()}-D, {x.dtype}); torch accepts it")
     if _half_pair(running_mean, running_var):  # torch (2.11 and later) raised above; never reach the launchers
@@ -157,13 +158,37 @@ def batch_norm(
     given the gradient dy * act'(z), summed over the dims it was broadcast along.
     In training with running stats, running_mean/running_var are updated in place.
     """
-    return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                           resolve_activation(activation), num_batches_tracked, False, residual=residual)  # fmt: skip
+    return batch_norm_impl(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        resolve_activation(activation),
+        num_batches_tracked,
+        False,
+        residual=residual,
+    )
 
 
-def batch_norm_impl(x, running_mean, running_var, weight, bias, training, momentum, eps, act: Activation,
-                    num_batches_tracked, count_batch: bool, input_dims: tuple[int, ...] | None = None,
-                    residual: torch.Tensor | None = None):  # fmt: skip
+def batch_norm_impl(
+    x,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    act: Activation,
+    num_batches_tracked,
+    count_batch: bool,
+    input_dims: tuple[int, ...] | None = None,
+    residual: torch.Tensor | None = None,
+):
     """`batch_norm` with a resolved activation; `count_batch` increments num_batches_tracked (the modules'
     `+= 1`) after the checks, so that a rejected call changes nothing; `input_dims` are the dims a module
     accepts (its `_check_input_dim`, with torch's message)."""
@@ -191,14 +216,41 @@ def batch_norm_impl(x, running_mean, running_var, weight, bias, training, moment
     factor = 0.0 if momentum is None or not training else float(momentum)
     traced = _is_traced(x)
     if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()) or residual_by_torch:
-        return _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative,
-                                 num_batches_tracked, eps, act, residual)  # fmt: skip
-    return ops.batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked if cumulative else None,
-                          training, factor, cumulative, eps, act.name, act.param, residual, traced=traced)  # fmt: skip
+        return _torch_batch_norm(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            factor,
+            cumulative,
+            num_batches_tracked,
+            eps,
+            act,
+            residual,
+        )
+    return ops.batch_norm(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked if cumulative else None,
+        training,
+        factor,
+        cumulative,
+        eps,
+        act.name,
+        act.param,
+        residual,
+        traced=traced,
+    )
 
 
-def _torch_batch_norm(x, running_mean, running_var, weight, bias, training, factor, cumulative, nbt, eps,
-                      act: Activation, residual=None):  # fmt: skip
+def _torch_batch_norm(
+    x, running_mean, running_var, weight, bias, training, factor, cumulative, nbt, eps, act: Activation, residual=None
+):
     """The fallback: torch's batch_norm, the residual add and the activation as separate torch ops."""
     if cumulative and running_mean is not None:
         if _is_traced(x) or x.device.type != "cpu":  # float(nbt) would sync the device / break the graph

@@ -104,17 +104,35 @@ class Tracer(fx.Tracer):
 
 # function -> (activation name, names of the arguments after the input, in order)
 _FUNCTIONS = {
-    F.relu: ("relu", ("inplace",)), torch.relu: ("relu", ()), torch.relu_: ("relu", ()),
-    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")), F.leaky_relu_: ("leaky_relu", ("negative_slope",)),
-    F.elu: ("elu", ("alpha", "inplace")), F.elu_: ("elu", ("alpha",)),
-    F.selu: ("selu", ("inplace",)), torch.selu: ("selu", ()), torch.selu_: ("selu", ()),
-    F.silu: ("silu", ("inplace",)), F.mish: ("mish", ("inplace",)), F.gelu: ("gelu", ("approximate",)),
-    torch.sigmoid: ("sigmoid", ()), torch.sigmoid_: ("sigmoid", ()), F.sigmoid: ("sigmoid", ()),
-    torch.tanh: ("tanh", ()), torch.tanh_: ("tanh", ()), F.tanh: ("tanh", ()),
-}  # fmt: skip
+    F.relu: ("relu", ("inplace",)),
+    torch.relu: ("relu", ()),
+    torch.relu_: ("relu", ()),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
+    F.leaky_relu_: ("leaky_relu", ("negative_slope",)),
+    F.elu: ("elu", ("alpha", "inplace")),
+    F.elu_: ("elu", ("alpha",)),
+    F.selu: ("selu", ("inplace",)),
+    torch.selu: ("selu", ()),
+    torch.selu_: ("selu", ()),
+    F.silu: ("silu", ("inplace",)),
+    F.mish: ("mish", ("inplace",)),
+    F.gelu: ("gelu", ("approximate",)),
+    torch.sigmoid: ("sigmoid", ()),
+    torch.sigmoid_: ("sigmoid", ()),
+    F.sigmoid: ("sigmoid", ()),
+    torch.tanh: ("tanh", ()),
+    torch.tanh_: ("tanh", ()),
+    F.tanh: ("tanh", ()),
+}
 _DEFAULTS = {"negative_slope": 0.01, "alpha": 1.0, "approximate": "none", "inplace": False}
-_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
-            "tanh_": "tanh"}  # fmt: skip
+_METHODS = {
+    "relu": "relu",
+    "relu_": "relu",
+    "sigmoid": "sigmoid",
+    "sigmoid_": "sigmoid",
+    "tanh": "tanh",
+    "tanh_": "tanh",
+}
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
@@ -185,9 +203,21 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent), name, module)
 
 
-_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-                       operator.irshift, operator.imatmul)  # fmt: skip
+_IN_PLACE_OPERATORS = (
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+)
 
 
 def _may_write_in_place(node: fx.Node, modules: dict) -> bool:
@@ -197,8 +227,12 @@ def _may_write_in_place(node: fx.Node, modules: dict) -> bool:
         return node.target.endswith("_") and not node.target.startswith("__")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return (node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("__"))
-                or node.kwargs.get("inplace") is True or any(a is True for a in node.args))  # fmt: skip
+        return (
+            node.target in _IN_PLACE_OPERATORS
+            or (name.endswith("_") and not name.startswith("__"))
+            or node.kwargs.get("inplace") is True
+            or any(a is True for a in node.args)
+        )
     if node.op == "call_module":
         return getattr(modules[node.target], "inplace", False) is True
     return False
@@ -325,8 +359,7 @@ def fuse(model: nn.Module) -> nn.Module:
     if reason is not None:
         model = convert_modules(model)  # the module-level conversion: its Sequential pairs
         report = FusionReport(traced=False, error=reason)
-        warnings.warn(f"bnfast.fuse: {reason}; converted module by module only, nothing fused by tracing",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(f"bnfast.fuse: {reason}; converted module by module only, nothing fused by tracing", stacklevel=2)
     else:
         gm.training = model.training  # the submodules keep their own flags
         report = FusionReport(traced=True)

@@ -48,9 +48,19 @@ class FusedBatchNormBase:
 
     _INPUT_DIMS: tuple[int, ...] = ()
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 activation=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation=None,
+    ) -> None:
         self.activation = resolve_activation(activation)  # before super(): reset_parameters may print repr
         if _TORCH_HAS_BN_BIAS:  # super() is the torch class (the mixin comes first in the MRO)
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
@@ -186,9 +196,20 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
     Parameters, buffers and state_dict are nn.SyncBatchNorm's.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
-                 bias: bool = True, activation=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation=None,
+    ) -> None:
         self.activation = resolve_activation(activation)  # before __init__: reset_parameters may print repr
         args = (num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
         if _TORCH_HAS_BN_BIAS:  # FusedBatchNormBase.__init__ passes no process_group: call torch's directly
@@ -251,16 +272,26 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
                     stacklevel=2,
                 )
             else:
-                converted = adopt_state(cls(
-                    module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                    process_group, device="meta", bias=module.bias is not None if module.affine else True,
-                    activation=activation,
-                ), module)  # fmt: skip
+                converted = adopt_state(
+                    cls(
+                        module.num_features,
+                        module.eps,
+                        module.momentum,
+                        module.affine,
+                        module.track_running_stats,
+                        process_group,
+                        device="meta",
+                        bias=module.bias is not None if module.affine else True,
+                        activation=activation,
+                    ),
+                    module,
+                )
                 if type(module) in timm_norm_act_types().values():
                     return converted  # its act and drop are fused: they are not children of the new module
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
+
 
 _SYNC_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -322,8 +353,25 @@ class FusedFrozenBatchNorm2d(nn.Module):
         if leaf is not None:
             return leaf
         buffers = (self.weight, self.bias, self.running_mean, self.running_var)
-        if (isinstance(input, torch.fx.Proxy) or input.dim() != 4 or _residual_needs_torch(input, residual)
-                or any(t.dtype != input.dtype for t in buffers)):  # fmt: skip
+        if (
+            isinstance(input, torch.fx.Proxy)
+            or input.dim() != 4
+            or _residual_needs_torch(input, residual)
+            or any(t.dtype != input.dtype for t in buffers)
+        ):
             return self.torch_forward(input, residual)
-        return batch_norm_impl(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                               self.eps, self.activation, None, False, (4,), residual)  # fmt: skip
+        return batch_norm_impl(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            False,
+            0.0,
+            self.eps,
+            self.activation,
+            None,
+            False,
+            (4,),
+            residual,
+        )

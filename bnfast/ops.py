@@ -111,10 +111,21 @@ def batch_norm_op(
     new_mean, new_var = _new_running(x, running_mean, running_var, training)
     running_out = (new_mean, new_var) if new_mean.numel() else None
     y, mean, rstd = launch.bn_fwd(
-        x, weight, bias, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum,
-        cumulative=cumulative, eps=eps, activation=activation, act_param=act_param, running_out=running_out,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        training=training,
+        momentum=momentum,
+        cumulative=cumulative,
+        eps=eps,
+        activation=activation,
+        act_param=act_param,
+        running_out=running_out,
         residual=residual,
-    )  # fmt: skip
+    )
     return y, mean, rstd, new_mean, new_var
 
 
@@ -142,10 +153,22 @@ def batch_norm_backward_op(
     """(dx, dweight, dbias, dresidual); (mean, stat) = (save_mean, save_rstd) in training, the running stats in
     eval; output_mask has 4 entries (dresidual only with an activation: otherwise it is dy, see `_backward`)."""
     grads = launch.bn_bwd(
-        dy, x, weight, bias, mean, stat, training=training, eps=eps, activation=activation, act_param=act_param,
-        needs_dx=output_mask[0], needs_dw=output_mask[1], needs_db=output_mask[2], residual=residual,
+        dy,
+        x,
+        weight,
+        bias,
+        mean,
+        stat,
+        training=training,
+        eps=eps,
+        activation=activation,
+        act_param=act_param,
+        needs_dx=output_mask[0],
+        needs_dw=output_mask[1],
+        needs_db=output_mask[2],
+        residual=residual,
         needs_dr=output_mask[3],
-    )  # fmt: skip
+    )
     return tuple(g if g is not None else _none(x) for g in grads)
 
 
@@ -184,17 +207,43 @@ def _backward(ctx, dy, *_stat_grads):
     wants_dr = len(needs) > r and needs[r]
     needs_dr = wants_dr and bool(ctx.activation)  # without an activation dresidual = dy: no kernel
     if torch.is_grad_enabled() or _is_functorch(dy) or torch._C._functorch.maybe_current_level() is not None:
-        dx, dw, db, dr = _backward_torch(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
-                                         ctx.activation, ctx.act_param, (*needs[:3], needs_dr))  # fmt: skip
+        dx, dw, db, dr = _backward_torch(
+            dy,
+            x,
+            weight,
+            bias,
+            mean,
+            stat,
+            residual,
+            ctx.training,
+            ctx.eps,
+            ctx.activation,
+            ctx.act_param,
+            (*needs[:3], needs_dr),
+        )
     elif type(dy) is torch.Tensor and type(x) is torch.Tensor:
-        dx, dw, db, dr = launch.bn_bwd(dy, x, weight, bias, mean, stat, training=ctx.training, eps=ctx.eps,
-                                       activation=ctx.activation, act_param=ctx.act_param, needs_dx=needs[0],
-                                       needs_dw=needs[1], needs_db=needs[2], residual=residual,
-                                       needs_dr=needs_dr)  # fmt: skip
+        dx, dw, db, dr = launch.bn_bwd(
+            dy,
+            x,
+            weight,
+            bias,
+            mean,
+            stat,
+            training=ctx.training,
+            eps=ctx.eps,
+            activation=ctx.activation,
+            act_param=ctx.act_param,
+            needs_dx=needs[0],
+            needs_dw=needs[1],
+            needs_db=needs[2],
+            residual=residual,
+            needs_dr=needs_dr,
+        )
     else:  # traced (fake/functional tensors): through the op, which torch can trace
         mask = [*needs[:3], needs_dr]
-        grads = batch_norm_backward_op(dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps,
-                                       ctx.activation, ctx.act_param, mask)  # fmt: skip
+        grads = batch_norm_backward_op(
+            dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps, ctx.activation, ctx.act_param, mask
+        )
         dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, mask, strict=True))
     if wants_dr and not ctx.activation:
         dr = dy
@@ -280,10 +329,20 @@ class BatchNormFunction(torch.autograd.Function):
         """x, weight, bias and the residual (what gets gradients), then all the `BatchNormInputs` as a tuple."""
         i = BatchNormInputs(*inputs)
         y, mean, rstd = launch.bn_fwd(
-            i.x, i.weight, i.bias, i.running_mean, i.running_var, i.num_batches_tracked, training=i.training,
-            momentum=i.momentum, cumulative=i.cumulative, eps=i.eps, activation=i.activation, act_param=i.act_param,
+            i.x,
+            i.weight,
+            i.bias,
+            i.running_mean,
+            i.running_var,
+            i.num_batches_tracked,
+            training=i.training,
+            momentum=i.momentum,
+            cumulative=i.cumulative,
+            eps=i.eps,
+            activation=i.activation,
+            act_param=i.act_param,
             residual=i.residual,
-        )  # fmt: skip
+        )
         _save(ctx, i, mean, rstd, _EAGER_RESIDUAL)
         return y
 

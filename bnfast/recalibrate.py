@@ -81,8 +81,10 @@ def recalibrate(model: nn.Module, loader, num_batches: int | None = None) -> nn.
         part = _partial64(x)
         stats[module] = _merge(stats[module], part) if module in stats else part
 
-    saved = [(m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for m in layers]  # fmt: skip
+    saved = [
+        (m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+        for m in layers
+    ]
     handles = [m.register_forward_pre_hook(observe) for m in layers]
     try:
         for m in layers:
@@ -102,8 +104,9 @@ def recalibrate(model: nn.Module, loader, num_batches: int | None = None) -> nn.
     merged = _across_ranks([stats.get(m) for m in layers], [m.num_features for m in layers], device)
     for m, (count, mean, m2) in zip(layers, merged, strict=True):
         if not bool((count >= 2).all()):
-            warnings.warn(f"bnfast.recalibrate: {type(m).__name__} saw fewer than 2 values; its stats are kept",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"bnfast.recalibrate: {type(m).__name__} saw fewer than 2 values; its stats are kept", stacklevel=2
+            )
             continue
         m.running_mean.copy_(mean)
         m.running_var.copy_(m2 / (count - 1.0))

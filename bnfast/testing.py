@@ -86,8 +86,15 @@ class _StandinUtils:
 
     @staticmethod
     def get_device_properties(device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
-                "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}  # fmt: skip
+        return {
+            "max_shared_mem": 232448,
+            "multiprocessor_count": 132,
+            "max_num_regs": 65536,
+            "warpSize": 32,
+            "sm_clock_rate": 1980000,
+            "mem_clock_rate": 2619000,
+            "mem_bus_width": 5120,
+        }
 
 
 class StandinDriver:
@@ -161,8 +168,9 @@ def standin_driver(arch: int = 90, device: int = -1):
     from . import functional
 
     if launch.is_interpreted():
-        raise RuntimeError("standin_driver: the kernels are interpreted (TRITON_INTERPRET=1 at import); "
-                           "run in a process without it")  # fmt: skip
+        raise RuntimeError(
+            "standin_driver: the kernels are interpreted (TRITON_INTERPRET=1 at import); run in a process without it"
+        )
     reason = triton_launch_support()
     if reason is not None:
         raise RuntimeError(f"standin_driver: {reason}")

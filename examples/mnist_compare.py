@@ -118,32 +118,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (last partial one dropped)")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
-    parser.add_argument("--arch", choices=ARCHS, default="mlp",
-                        help="mlp: the tutorial's 784-H-H-10 MLP (BatchNorm1d); cnn: two 3x3 convolutions "
-                        "(BatchNorm2d)")  # fmt: skip
+    parser.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="mlp",
+        help="mlp: the tutorial's 784-H-H-10 MLP (BatchNorm1d); cnn: two 3x3 convolutions (BatchNorm2d)",
+    )
     parser.add_argument("--channels-last", action="store_true", help="cnn: run in torch.channels_last memory format")
     parser.add_argument("--hidden", type=int, default=32, help="mlp: width of the two hidden layers")
-    parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
-                        help="activation after each hidden layer: a torch module in the no-BN and torch-BN models, "
-                        "fused into the BatchNorm kernel in the bnfast model")  # fmt: skip
+    parser.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        default="relu",
+        help="activation after each hidden layer: a torch module in the no-BN and torch-BN models, "
+        "fused into the BatchNorm kernel in the bnfast model",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed for the initial weights and the batch order")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when available, else cpu")  # fmt: skip
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available, else cpu"
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="torchvision root: MNIST/raw lives here")
-    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                        help="download MNIST with torchvision when no local copy is found")  # fmt: skip
-    parser.add_argument("--limit-train", type=int, metavar="N",
-                        help="use only the first N training images (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="download MNIST with torchvision when no local copy is found",
+    )
+    parser.add_argument(
+        "--limit-train", type=int, metavar="N", help="use only the first N training images (default: all)"
+    )
     parser.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images (default: all)")
-    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
-                        help="which models to train")  # fmt: skip
+    parser.add_argument(
+        "--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES), help="which models to train"
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--recalibrate", action="store_true",
-                        help="after training, set each BN model's running stats to the exact statistics of the "
-                        "training split (bnfast.recalibrate) and report test accuracy before and after")  # fmt: skip
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="CUDA: every model's whole training step (forward, loss, backward, Adam step) "
-                             "captured in a CUDA graph, replayed per batch: times kernels, not Python")  # fmt: skip
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="after training, set each BN model's running stats to the exact statistics of the "
+        "training split (bnfast.recalibrate) and report test accuracy before and after",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="CUDA: every model's whole training step (forward, loss, backward, Adam step) "
+        "captured in a CUDA graph, replayed per batch: times kernels, not Python",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: runs/mnist-<timestamp>)")
     args = parser.parse_args(argv)
     for option in ("epochs", "batch_size", "hidden", "limit_train", "limit_test"):
@@ -340,13 +360,17 @@ def compare_bn_models(torch_bn: nn.Sequential, fused: nn.Sequential, x: torch.Te
         if isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(next_module, nn.modules.batchnorm._BatchNorm):
             redundant |= {f"{name}.bias", f"{following}.running_mean"}
     fused_state = fused.state_dict()
-    diffs = {k: (v - fused_state[k]).abs().max().item() for k, v in torch_bn.state_dict().items()
-             if v.is_floating_point()}  # fmt: skip
+    diffs = {
+        k: (v - fused_state[k]).abs().max().item() for k, v in torch_bn.state_dict().items() if v.is_floating_point()
+    }
     kept = {k: d for k, d in diffs.items() if k not in redundant}
     worst = max(kept, key=kept.get)
-    result = {"max_abs_diff": kept[worst], "worst_tensor": worst,
-              "redundant_max_abs_diff": max((diffs[k] for k in redundant), default=0.0),
-              "redundant_tensors": sorted(redundant)}  # fmt: skip
+    result = {
+        "max_abs_diff": kept[worst],
+        "worst_tensor": worst,
+        "redundant_max_abs_diff": max((diffs[k] for k in redundant), default=0.0),
+        "redundant_tensors": sorted(redundant),
+    }
     with torch.no_grad():
         for mode in ("train", "eval"):  # on copies: a training-mode forward updates the running stats
             a, b = (copy.deepcopy(m).train(mode == "train") for m in (torch_bn, fused))
@@ -408,8 +432,14 @@ class GraphedStep:
     from where they were: the graphed model trains on exactly the batches the eager one would. Needs an optimizer
     made with capturable=True (Adam's step count then lives on the device)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 warmup_steps: int = 3):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        warmup_steps: int = 3,
+    ):
         self.x, self.y = x.clone(), y.clone()
         with training_state_kept(model, optimizer):
             side = torch.cuda.Stream(x.device)
@@ -467,8 +497,12 @@ def evaluate_all(models, train, test) -> dict[str, dict[str, float]]:
     for name, model in models.items():
         train_loss, train_acc = evaluate(model, *train)
         valid_loss, valid_acc = evaluate(model, *test)
-        metrics[name] = {"train_loss": train_loss, "train_acc": train_acc, "valid_loss": valid_loss,
-                         "valid_acc": valid_acc}  # fmt: skip
+        metrics[name] = {
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "valid_loss": valid_loss,
+            "valid_acc": valid_acc,
+        }
     return metrics
 
 
@@ -493,8 +527,14 @@ def train_epoch(models, steps, train, batch_size, generator, epoch) -> dict[str,
             synchronize(x.device)
             seconds[name] += time.perf_counter() - start
             loss_sums[name] += loss  # stays on the device: no sync outside the timed region
-    return {name: {"train_time_s": seconds[name], "steps_per_s": len(batches) / seconds[name],
-                   "running_loss": loss_sums[name].item() / len(batches)} for name in models}  # fmt: skip
+    return {
+        name: {
+            "train_time_s": seconds[name],
+            "steps_per_s": len(batches) / seconds[name],
+            "running_loss": loss_sums[name].item() / len(batches),
+        }
+        for name in models
+    }
 
 
 def recalibrate_models(models, train, test, batch_size) -> dict[str, dict[str, float]]:
@@ -573,11 +613,15 @@ def summarize(history: dict[str, list[dict]], backends: dict[str, str]) -> list[
     rows = []
     for name, epochs in history.items():
         trained = epochs[1:]  # epoch 0 is the evaluation before training
-        rows.append({
-            "model": name, "backend": backends[name], "final_valid_acc": trained[-1]["valid_acc"],
-            "best_valid_acc": max(e["valid_acc"] for e in trained),
-            "mean_epoch_s": sum(e["train_time_s"] for e in trained) / len(trained),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "backend": backends[name],
+                "final_valid_acc": trained[-1]["valid_acc"],
+                "best_valid_acc": max(e["valid_acc"] for e in trained),
+                "mean_epoch_s": sum(e["train_time_s"] for e in trained) / len(trained),
+            }
+        )
     reference = next((r["mean_epoch_s"] for r in rows if r["model"] == "torch-BN"), None)
     for row in rows:
         row["time_vs_torch_bn"] = row["mean_epoch_s"] / reference if reference else None
@@ -587,10 +631,16 @@ def summarize(history: dict[str, list[dict]], backends: dict[str, str]) -> list[
 def print_table(rows: list[dict]) -> None:
     """The summary as a Markdown table: aligned in a terminal, ready to paste into a README."""
     cells = [TABLE_COLUMNS] + [
-        (r["model"], r["backend"], f"{r['final_valid_acc']:.4f}", f"{r['best_valid_acc']:.4f}",
-         f"{r['mean_epoch_s']:.2f}", "-" if r["time_vs_torch_bn"] is None else f"{r['time_vs_torch_bn']:.2f}x")
+        (
+            r["model"],
+            r["backend"],
+            f"{r['final_valid_acc']:.4f}",
+            f"{r['best_valid_acc']:.4f}",
+            f"{r['mean_epoch_s']:.2f}",
+            "-" if r["time_vs_torch_bn"] is None else f"{r['time_vs_torch_bn']:.2f}x",
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -606,8 +656,13 @@ def versions() -> dict[str, str | None]:
         triton_version = triton.__version__
     except ImportError:  # no Triton wheel on this platform: bnfast uses the torch fallback
         triton_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "triton": triton_version, "bnfast": bnfast.__version__}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "triton": triton_version,
+        "bnfast": bnfast.__version__,
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -624,12 +679,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")  # fmt: skip
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
 
     if args.cuda_graphs and device.type != "cuda":
-        raise SystemExit(f"--cuda-graphs: CUDA graphs capture GPU work, and this run's device is {device} "
-                         "(no CUDA device, or --device cpu)")  # fmt: skip
+        raise SystemExit(
+            f"--cuda-graphs: CUDA graphs capture GPU work, and this run's device is {device} "
+            "(no CUDA device, or --device cpu)"
+        )
     (train_x, train_y), (test_x, test_y) = load_mnist(args.data_dir, args.download, device)
     train = (train_x[: args.limit_train], train_y[: args.limit_train])
     test = (test_x[: args.limit_test], test_y[: args.limit_test])
@@ -637,21 +695,27 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--limit-train {len(train[1])} is smaller than one batch ({args.batch_size})")
 
     models = build_models(args, device)
-    optimizers = {name: torch.optim.Adam(model.parameters(), lr=args.lr, capturable=args.cuda_graphs)
-                  for name, model in models.items()}  # fmt: skip
+    optimizers = {
+        name: torch.optim.Adam(model.parameters(), lr=args.lr, capturable=args.cuda_graphs)
+        for name, model in models.items()
+    }
     backends = {name: bnfast_backend(device) if name == "bnfast" else "torch" for name in models}
-    print(f"device {device_name(device)} | train {len(train[1])} test {len(test[1])} | backends "
-          + ", ".join(f"{name}: {backend}" for name, backend in backends.items()), flush=True)  # fmt: skip
+    print(
+        f"device {device_name(device)} | train {len(train[1])} test {len(test[1])} | backends "
+        + ", ".join(f"{name}: {backend}" for name, backend in backends.items()),
+        flush=True,
+    )
 
     for model in models.values():
         warm_up(model, args.lr, train[0][: args.batch_size], train[1][: args.batch_size])
-    steps = make_steps(models, optimizers, (train[0][: args.batch_size], train[1][: args.batch_size]),
-                       args.cuda_graphs)  # fmt: skip
+    steps = make_steps(models, optimizers, (train[0][: args.batch_size], train[1][: args.batch_size]), args.cuda_graphs)
     generator = torch.Generator().manual_seed(args.seed)
     initial = evaluate_all(models, train, test)
     print_epoch(0, initial)
-    history = {name: [{"epoch": 0, **initial[name], "train_time_s": None, "steps_per_s": None,
-                       "running_loss": None}] for name in models}  # fmt: skip
+    history = {
+        name: [{"epoch": 0, **initial[name], "train_time_s": None, "steps_per_s": None, "running_loss": None}]
+        for name in models
+    }
     for epoch in range(1, args.epochs + 1):
         timings = train_epoch(models, steps, train, args.batch_size, generator, epoch)
         print_training(epoch, args.epochs, timings, len(train[1]) // args.batch_size)

@@ -1,4 +1,5 @@
-"""bnfast's Triton kernels, installed as `bnfast.kernels` (setup.py maps this folder; PyPI has a `kernels`).
+"""bnfast's Triton kernels, installed as `bnfast.kernels` (pyproject.toml maps this folder; PyPI
+has a `kernels`).
 
 `activations.py` (the table of fused activations + their jit helpers) and `batch_norm.py` (the math, the
 partials' format, the passes per plan, the kernels in the order they run) hold the @triton.jit code;

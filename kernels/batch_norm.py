@@ -59,13 +59,14 @@ import triton.language as tl
 from .activations import _act, _div_rn, _grad_pre_activation
 
 # fmt: off
-# (kernel signatures group their arguments by role, one role a line: the formatter would put one a line)
+# (the kernels' and jit helpers' signatures, and the helper calls inside them, group their arguments by role,
+# one role a line: the formatter would put one argument a line)
 
 
 # ------------------------------------------------------------------------------------------------ jit helpers
 @triton.jit
 def _tile_offsets(n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N: tl.constexpr,
-                  BLOCK_S: tl.constexpr):  # fmt: skip
+                  BLOCK_S: tl.constexpr):
     """Element offsets and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile whose first (n, s) is (n0, s0).
     Every index is widened to int64 before its stride multiplies it: any one product can pass 2**31 (c * stride_c
     of BatchNorm3d on (1, 32, 512, 512, 512); s * stride_s of a transposed (N, C) with N * C >= 2**31) although
@@ -88,7 +89,7 @@ def _tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N: t
 
 @triton.jit
 def _load_tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, ACC: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """A tile in ACC and its mask; masked lanes load 0 (each caller says why that is safe)."""
     ptrs, mask = _tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S)
     return tl.load(ptrs, mask=mask, other=0.0).to(ACC), mask
@@ -96,14 +97,14 @@ def _load_tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, ACC: 
 
 @triton.jit
 def _store_tile(ptr, value, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s,
-                BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+                BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     ptrs, mask = _tile(ptr, n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S)
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _add_residual(z, r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs, HAS_RESIDUAL: tl.constexpr,
-                  ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+                  ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """z + residual (same tile), or z when there is none."""
     if HAS_RESIDUAL:
         r, _ = _load_tile(r_ptr, n0, s0, c_offs, N, C, S, stride_rn, stride_rc, stride_rs, ACC, BLOCK_N, BLOCK_S)
@@ -209,7 +210,7 @@ def _load_vec(ptr, c_offs, C, stride, other, ACC: tl.constexpr):
 
 @triton.jit
 def _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b,
-                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
     if HAS_WEIGHT:
         w = _load_vec(w_ptr, c_offs, C, stride_w, 1.0, ACC)
     else:
@@ -223,7 +224,7 @@ def _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b,
 
 @triton.jit
 def _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps,
-                STAT_IS_VAR: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+                STAT_IS_VAR: tl.constexpr, ACC: tl.constexpr):
     """Per-channel (mean, rstd): saved batch stats (STAT_IS_VAR=False) or running stats (eval, True)."""
     mean = _load_vec(mean_ptr, c_offs, C, stride_mean, 0.0, ACC)
     stat = _load_vec(stat_ptr, c_offs, C, stride_stat, 1.0, ACC)
@@ -236,7 +237,7 @@ def _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps,
 @triton.jit
 def _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C,
                           stride_rm, stride_rv, stride_rmo, stride_rvo, mean, var, M, momentum,
-                          CUMULATIVE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+                          CUMULATIVE: tl.constexpr, ACC: tl.constexpr):
     """running <- (1-f)*running + f*batch, read from rm/rv, written to rm_out/rv_out (the same tensors when in
     place). CUMULATIVE (momentum=None): f = 1/num_batches_tracked, read on device (no host sync), already
     incremented by the module."""
@@ -268,7 +269,7 @@ def _sum_rows(part_ptr, row0, num_rows, c_offs, C, BLOCK_ROWS: tl.constexpr, ACC
 
 @triton.jit
 def _merge_stats(part_ptr, shift_ptr, num_rows, stride_row, stride_plane, stride_shift, c_offs, C,
-                 ROW_SHIFTS: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr):  # fmt: skip
+                 ROW_SHIFTS: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """Merge stats rows k < num_rows (count, mean of x - shift, M2; row k at part_ptr + k * stride_row, the three
     planes stride_plane apart) in a fixed order with the parallel formula: (count, mean relative to the returned
     shift, M2, shift) per channel, the returned shift being the merged mean rounded (the relative mean is then
@@ -297,13 +298,13 @@ def _merge_stats(part_ptr, shift_ptr, num_rows, stride_row, stride_plane, stride
     hi = tl.zeros(c_offs.shape, ACC)
     for k0 in range(0, num_rows, BLOCK_ROWS):
         cnt, mean_k, _ = _stats_rows(part_ptr, shift_ptr, shift, k0, num_rows, stride_row, stride_plane, stride_shift,
-                                     c_offs, c_mask, ROW_SHIFTS, BLOCK_ROWS)  # fmt: skip
+                                     c_offs, c_mask, ROW_SHIFTS, BLOCK_ROWS)
         hi += tl.sum(cnt * inv_total * mean_k, axis=0)  # empty rows have count 0: they add nothing
     lo = tl.zeros(c_offs.shape, ACC)
     m2 = tl.zeros(c_offs.shape, ACC)
     for k0 in range(0, num_rows, BLOCK_ROWS):
         cnt, mean_k, m2_k = _stats_rows(part_ptr, shift_ptr, shift, k0, num_rows, stride_row, stride_plane,
-                                        stride_shift, c_offs, c_mask, ROW_SHIFTS, BLOCK_ROWS)  # fmt: skip
+                                        stride_shift, c_offs, c_mask, ROW_SHIFTS, BLOCK_ROWS)
         d = mean_k - hi[None, :]
         lo += tl.sum(tl.where(cnt > 0, cnt * inv_total * d, 0.0), axis=0)
         m2 += tl.sum(m2_k + tl.where(cnt > 0, cnt * d * d, 0.0), axis=0)
@@ -327,7 +328,7 @@ def _bcast_rows(v):
 
 @triton.jit
 def _stats_rows(part_ptr, shift_ptr, shift, k0, num_rows, stride_row, stride_plane, stride_shift, c_offs, c_mask,
-                ROW_SHIFTS: tl.constexpr, BLOCK_ROWS: tl.constexpr):  # fmt: skip
+                ROW_SHIFTS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """Rows k0 .. k0 + BLOCK_ROWS of the stats partials: (count, mean relative to `shift`, M2), [BLOCK_ROWS, BLOCK_C];
     with ROW_SHIFTS, each row's mean rebased from its own shift (an empty row's mean is 0)."""
     k = k0 + tl.arange(0, BLOCK_ROWS)
@@ -366,10 +367,10 @@ def _bn_fwd_single_kernel(
     tl.store(rstd_ptr + c_offs, rstd, mask=c_mask)
     if UPDATE_RUNNING:
         _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
-                              stride_rmo, stride_rvo, mean, var, M, momentum, CUMULATIVE, ACC)  # fmt: skip
+                              stride_rmo, stride_rvo, mean, var, M, momentum, CUMULATIVE, ACC)
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
     z = _add_residual(centered * _bcast(rstd * w) + _bcast(b), r_ptr, 0, 0, c_offs, N, C, S, stride_rn, stride_rc,
-                      stride_rs, HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)  # fmt: skip
+                      stride_rs, HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)
     y = _act(z, ACTIVATION, act_param)
     _store_tile(y_ptr, y, 0, 0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 
@@ -420,7 +421,7 @@ def _bn_stats_merge_kernel(
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     total, mean_rel, m2, shift = _merge_stats(part_ptr, shift_ptr, num_splits, C, num_splits * C, 0, c_offs, C,
-                                              False, ACC, BLOCK_SPLITS)  # fmt: skip
+                                              False, ACC, BLOCK_SPLITS)
     tl.store(out_ptr + c_offs, total, mask=c_mask)
     tl.store(out_ptr + C + c_offs, mean_rel, mask=c_mask)
     tl.store(out_ptr + 2 * C + c_offs, m2, mask=c_mask)
@@ -441,7 +442,7 @@ def _bn_stats_finalize_kernel(
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     total, mean_rel, m2, shift = _merge_stats(part_ptr, shift_ptr, num_splits, stride_part_row, stride_part_plane,
-                                              stride_shift_row, c_offs, C, ROW_SHIFTS, ACC, BLOCK_SPLITS)  # fmt: skip
+                                              stride_shift_row, c_offs, C, ROW_SHIFTS, ACC, BLOCK_SPLITS)
     safe_total = tl.maximum(total, 1.0)  # only masked channels (c >= C) are empty: keep them finite
     var = _div_rn(m2, safe_total)
     mean = shift + mean_rel
@@ -449,7 +450,7 @@ def _bn_stats_finalize_kernel(
     tl.store(rstd_ptr + c_offs, _rsqrt_eps(var, eps, ACC), mask=c_mask)
     if UPDATE_RUNNING:
         _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
-                              stride_rmo, stride_rvo, mean, var, safe_total, momentum, CUMULATIVE, ACC)  # fmt: skip
+                              stride_rmo, stride_rvo, mean, var, safe_total, momentum, CUMULATIVE, ACC)
 
 
 @triton.jit
@@ -485,7 +486,7 @@ def _bn_normalize_kernel(
         n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
         x, _ = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
         z = _add_residual((x - centre) * scale + folded_shift, r_ptr, n0, s0, c_offs, N, C, S, stride_rn,
-                          stride_rc, stride_rs, HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)  # fmt: skip
+                          stride_rc, stride_rs, HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)
         y = _act(z, ACTIVATION, act_param)
         _store_tile(y_ptr, y, n0, s0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 

@@ -124,8 +124,9 @@ def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, ov
         spread_c = _pow2(_cdiv(C, sms))  # one channel block per SM when C is large
         block_c = max(min_block_c, min(single_max // column, spread_c, pow2_c))
         tile_elems = column * block_c
-        return LaunchConfig("single", pow2_n, block_c, pow2_s, 1, _num_warps(tile_elems * widen),
-                            (_cdiv(C, block_c), 1))  # fmt: skip
+        return LaunchConfig(
+            "single", pow2_n, block_c, pow2_s, 1, _num_warps(tile_elems * widen), (_cdiv(C, block_c), 1)
+        )
     if c_fast:  # long axis C, then rows along s (contiguous in channels_last), then n
         if 1 < S < 16:  # short s with many n rows: at full size ptxas spills a few bytes on sm_80 (kernel report)
             tile //= 2
@@ -143,8 +144,15 @@ def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, ov
     num_tiles = _cdiv(N, block_n) * _cdiv(S, block_s)
     c_blocks = _cdiv(C, block_c)
     num_splits = max(1, min(num_tiles, MAX_SPLITS, _cdiv(PROGRAMS_PER_SM * sms, c_blocks)))
-    return LaunchConfig("split", block_n, block_c, block_s, num_splits,
-                        _num_warps(block_n * block_c * block_s * widen), (c_blocks, num_splits))  # fmt: skip
+    return LaunchConfig(
+        "split",
+        block_n,
+        block_c,
+        block_s,
+        num_splits,
+        _num_warps(block_n * block_c * block_s * widen),
+        (c_blocks, num_splits),
+    )
 
 
 def register_widening(acc: torch.dtype, activation: str = "", backward: bool = False) -> int:
@@ -317,8 +325,9 @@ def triton_launch_support(version: str = triton.__version__) -> str | None:
 
 def _direct_launch_default() -> bool:
     """On unless BNFAST_DIRECT_LAUNCH=0, the kernels are interpreted, or Triton's version is not a known one."""
-    return (os.environ.get("BNFAST_DIRECT_LAUNCH", "1") != "0" and triton_launch_support() is None
-            and not is_interpreted())  # fmt: skip
+    return (
+        os.environ.get("BNFAST_DIRECT_LAUNCH", "1") != "0" and triton_launch_support() is None and not is_interpreted()
+    )
 
 
 _DIRECT: dict = {}  # key -> (kernel, launcher, function, packed metadata)
@@ -365,8 +374,16 @@ def _launch(name, grid, num_warps, device, ptrs, ints, floats, consts):
     stream, switching the current device only when it differs (the common case costs one comparison)."""
     kernel = getattr(_k, name)
     if DIRECT_LAUNCH and _DRIVER[0] is _DRIVER_CONFIG._active:
-        key = (name, device, num_warps, consts, ints, tuple(map(_dtype_of, ptrs)), _RUNTIME_KNOBS.debug,
-               _COMPILATION_KNOBS.instrumentation_mode)  # fmt: skip
+        key = (
+            name,
+            device,
+            num_warps,
+            consts,
+            ints,
+            tuple(map(_dtype_of, ptrs)),
+            _RUNTIME_KNOBS.debug,
+            _COMPILATION_KNOBS.instrumentation_mode,
+        )
         entry = _DIRECT.get(key)
         if entry is not None and entry[0] is kernel and not functools.reduce(operator.or_, map(_data_ptr, ptrs)) & 15:
             if device == _DRIVER[1]():
@@ -389,8 +406,16 @@ def _launch(name, grid, num_warps, device, ptrs, ints, floats, consts):
     if DIRECT_LAUNCH and aligned and not kernel.pre_run_hooks and hasattr(compiled, "packed_metadata"):
         if len(_DIRECT) >= _DIRECT_MAX:
             _DIRECT.clear()
-        key = (name, device, num_warps, consts, ints, tuple(map(_dtype_of, ptrs)), _RUNTIME_KNOBS.debug,
-               _COMPILATION_KNOBS.instrumentation_mode)  # fmt: skip
+        key = (
+            name,
+            device,
+            num_warps,
+            consts,
+            ints,
+            tuple(map(_dtype_of, ptrs)),
+            _RUNTIME_KNOBS.debug,
+            _COMPILATION_KNOBS.instrumentation_mode,
+        )
         _DIRECT[key] = (kernel, compiled.run, compiled.function, compiled.packed_metadata, compiled.launch_metadata)
 
 
@@ -398,9 +423,18 @@ def _direct(entry, grid, device, args):
     """What JITFunction.run does after its cache hit, for a compiled kernel found in `_DIRECT`."""
     _, launcher, function, packed, launch_metadata = entry
     stream = _DRIVER[3](device)
-    launcher(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, packed,
-             launch_metadata(grid, stream, *args), _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook,
-             *args)  # fmt: skip
+    launcher(
+        grid[0],
+        grid[1] if len(grid) > 1 else 1,
+        1,
+        stream,
+        function,
+        packed,
+        launch_metadata(grid, stream, *args),
+        _RUNTIME_KNOBS.launch_enter_hook,
+        _RUNTIME_KNOBS.launch_exit_hook,
+        *args,
+    )
 
 
 class _on_device:
@@ -428,11 +462,14 @@ def clear_direct_cache():
 DIRECT_LAUNCH = _direct_launch_default()  # bnfast.testing and the host-time benchmark may switch it at run time
 
 
+# fmt: off
+# (the stages' signatures and _launch calls group their arguments by role, one role a line, in the kernels'
+# argument order: the formatter would put one argument a line)
 # --------------------------------------------------------------------------------------------- forward stages
 # Each stage: x, y, dy, dx are `Ncs`; w, b (weight, bias) and the running stats are (C,) tensors of any stride or
 # None; `cfg` comes from `config_for(x, ...)`; outputs are allocated by the caller or returned.
 def forward_single(x: Ncs, y: Ncs, w, b, mean, rstd, running, nbt, cfg, *, eps, momentum, cumulative, activation,
-                   act_param, r: Ncs | None = None):  # fmt: skip
+                   act_param, r: Ncs | None = None):
     """Single-pass training forward: y, and the batch mean/rstd into `mean`/`rstd` (ACC, (C,)).
     `running` = (rm, rv, rm_out, rv_out) or None; `nbt` = num_batches_tracked when cumulative; `r` the residual."""
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)  # dummies: never read
@@ -444,7 +481,7 @@ def forward_single(x: Ncs, y: Ncs, w, b, mean, rstd, running, nbt, cfg, *, eps, 
         # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, UPDATE_RUNNING, CUMULATIVE, ACTIVATION, ACC, BLOCK_N/C/S
         (w is not None, b is not None, r is not None, running is not None, cumulative, activation, _TL[mean.dtype],
          cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
-    )  # fmt: skip
+    )
 
 
 def stats_partial(x: Ncs, cfg):
@@ -454,7 +491,7 @@ def stats_partial(x: Ncs, cfg):
     shift = torch.empty(x.C, dtype=acc, device=x.t.device)
     # constexprs: ACC, BLOCK_N/C/S
     _launch("_bn_stats_partial_kernel", cfg.grid, cfg.num_warps, x.t.get_device(), (part, shift, x.t),
-            (*x.dims, *x.strides), (), (_TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S))  # fmt: skip
+            (*x.dims, *x.strides), (), (_TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S))
     return part, shift
 
 
@@ -465,7 +502,7 @@ def stats_merge(part, shift, out=None):
     out = torch.empty((4, C), dtype=part.dtype, device=part.device) if out is None else out
     # constexprs: ACC, BLOCK_SPLITS, BLOCK_C; 4 warps: Triton's default, which the finalize kernels always had
     _launch("_bn_stats_merge_kernel", (_cdiv(C, FINALIZE_BLOCK_C),), 4, part.get_device(), (out, part, shift),
-            (C, part.shape[1]), (), (_TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C))  # fmt: skip
+            (C, part.shape[1]), (), (_TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C))
     return out
 
 
@@ -484,7 +521,7 @@ def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumu
         # iteration (at 32 x 32 float64 values ptxas spills 16 bytes on sm_80)
         (row_shifts, running is not None, cumulative, _TL[part.dtype],
          FINALIZE_BLOCK_SPLITS // (2 if part.dtype == torch.float64 else 1), FINALIZE_BLOCK_C),
-    )  # fmt: skip
+    )
 
 
 def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param, r: Ncs | None = None):
@@ -497,12 +534,12 @@ def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activa
         # STAT_IS_VAR, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N/C/S
         (stat_is_var, w is not None, b is not None, r is not None, activation, _TL[acc_dtype(x.t.dtype)],
          cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
-    )  # fmt: skip
+    )
 
 
 # -------------------------------------------------------------------------------------------- backward stages
 def backward_single(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, stat, dw, db, cfg, *, training, eps, activation,
-                    act_param, r: Ncs | None = None, dr: Ncs | None = None):  # fmt: skip
+                    act_param, r: Ncs | None = None, dr: Ncs | None = None):
     """Single-pass backward into dx, dw, db, dr (each None: not needed); `r` the residual of the forward."""
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)  # dummy strides and pointers when absent
     _launch("_bn_bwd_single_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
@@ -512,11 +549,11 @@ def backward_single(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, stat, dw, db, c
         # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX/DW/DB/DR, ACTIVATION, ACC, BLOCK_N/C/S
         (training, w is not None, b is not None, r is not None, dx is not None, dw is not None, db is not None,
          dr is not None, activation, _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
-    )  # fmt: skip
+    )
 
 
 def grad_partial(dy: Ncs, x: Ncs, w, b, mean, stat, cfg, *, training, eps, activation, act_param, dx=None, r=None,
-                 dr=None):  # fmt: skip
+                 dr=None):
     """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx and dr if given."""
     acc = acc_dtype(x.t.dtype)
     part = torch.empty((2, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
@@ -528,7 +565,7 @@ def grad_partial(dy: Ncs, x: Ncs, w, b, mean, stat, cfg, *, training, eps, activ
         # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S
         (training, w is not None, b is not None, r is not None, dx is not None and not training,
          dr is not None and not training, activation, _TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
-    )  # fmt: skip
+    )
     return part
 
 
@@ -540,12 +577,12 @@ def grad_finalize(part, dw=None, db=None):
     _launch("_bn_grad_finalize_kernel", (_cdiv(C, FINALIZE_BLOCK_C),), 4, part.get_device(),
             (sums, _or(dw, sums), _or(db, sums), part), (C, part.shape[1]), (),
             # COMPUTE_DW, COMPUTE_DB, ACC, BLOCK_SPLITS, BLOCK_C
-            (dw is not None, db is not None, _TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C))  # fmt: skip
+            (dw is not None, db is not None, _TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C))
     return sums
 
 
 def grad_input(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, rstd, sums, cfg, *, count, activation, act_param,
-               r: Ncs | None = None, dr: Ncs | None = None):  # fmt: skip
+               r: Ncs | None = None, dr: Ncs | None = None):
     """Backward split stage 3 (train): dx (and dr) from the global sums; `count` = M (the global M under SyncBN)."""
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)
     _launch("_bn_grad_input_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
@@ -555,7 +592,9 @@ def grad_input(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, rstd, sums, cfg, *, 
         # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S
         (w is not None, b is not None, r is not None, dx is not None, dr is not None, activation,
          _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
-    )  # fmt: skip
+    )
+
+# fmt: on
 
 
 # ----------------------------------------------------------------------------------------------- composition
@@ -578,8 +617,23 @@ def backward_outputs(x, weight, bias, output_mask, residual=None):
     return dx, dw, db, dr
 
 
-def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, training, momentum, cumulative, eps,
-           activation, act_param, running_out=None, residual=None):  # fmt: skip
+def bn_fwd(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    *,
+    training,
+    momentum,
+    cumulative,
+    eps,
+    activation,
+    act_param,
+    running_out=None,
+    residual=None,
+):
     """Forward. Returns (y, mean, rstd): the batch mean and rstd in ACC when training (saved for the backward),
     0-element tensors in eval (the backward then reads the running stats).
 
@@ -590,8 +644,20 @@ def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, t
     y_t, mean, rstd = forward_outputs(x, training)
     x3, y3, r3, cfg = prepare(x, y_t, residual, widen=2 if x.dtype == torch.float64 else 1)  # register_widening
     if not training:
-        normalize(x3, y3, weight, bias, running_mean, running_var, cfg, stat_is_var=True, eps=eps,
-                  activation=activation, act_param=act_param, r=r3)  # fmt: skip
+        normalize(
+            x3,
+            y3,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            cfg,
+            stat_is_var=True,
+            eps=eps,
+            activation=activation,
+            act_param=act_param,
+            r=r3,
+        )
         return y_t, mean, rstd
     running = None
     if running_mean is not None:
@@ -599,18 +665,59 @@ def bn_fwd(x, weight, bias, running_mean, running_var, num_batches_tracked, *, t
     nbt = num_batches_tracked if cumulative else None
     opts = dict(eps=eps, momentum=momentum, cumulative=cumulative)
     if cfg.plan == "single":
-        forward_single(x3, y3, weight, bias, mean, rstd, running, nbt, cfg, activation=activation,
-                       act_param=act_param, r=r3, **opts)  # fmt: skip
+        forward_single(
+            x3,
+            y3,
+            weight,
+            bias,
+            mean,
+            rstd,
+            running,
+            nbt,
+            cfg,
+            activation=activation,
+            act_param=act_param,
+            r=r3,
+            **opts,
+        )
         return y_t, mean, rstd
     part, shift = stats_partial(x3, cfg)
     stats_finalize(part, shift, mean, rstd, running, nbt, **opts)
-    normalize(x3, y3, weight, bias, mean, rstd, cfg, stat_is_var=False, eps=eps, activation=activation,
-              act_param=act_param, r=r3)  # fmt: skip
+    normalize(
+        x3,
+        y3,
+        weight,
+        bias,
+        mean,
+        rstd,
+        cfg,
+        stat_is_var=False,
+        eps=eps,
+        activation=activation,
+        act_param=act_param,
+        r=r3,
+    )
     return y_t, mean, rstd
 
 
-def bn_bwd(dy, x, weight, bias, mean, stat, *, training, eps, activation, act_param, needs_dx=True, needs_dw=True,
-           needs_db=True, residual=None, needs_dr=False):  # fmt: skip
+def bn_bwd(
+    dy,
+    x,
+    weight,
+    bias,
+    mean,
+    stat,
+    *,
+    training,
+    eps,
+    activation,
+    act_param,
+    needs_dx=True,
+    needs_dw=True,
+    needs_db=True,
+    residual=None,
+    needs_dr=False,
+):
     """Backward. (mean, stat) = (batch mean, rstd) in training, (running_mean, running_var) in eval; `residual` is
     the forward's (needed to recompute z under an activation). Returns (dx, dweight, dbias, dresidual), each
     None when not asked for or when there is no such input. Without an activation dresidual = dy: the caller

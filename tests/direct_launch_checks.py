@@ -50,14 +50,16 @@ def _normalize(x=None, w=None, activation="relu", num_warps=None, device=None):
     if num_warps is not None:
         cfg = dataclasses.replace(cfg, num_warps=num_warps)
     if device is None:
-        launch.normalize(x3, y3, w, None, mean, var, cfg, stat_is_var=True, eps=1e-5, activation=activation,
-                         act_param=0.0)  # fmt: skip
+        launch.normalize(
+            x3, y3, w, None, mean, var, cfg, stat_is_var=True, eps=1e-5, activation=activation, act_param=0.0
+        )
         return
     saved = torch.Tensor.get_device
     torch.Tensor.get_device = lambda self: device
     try:
-        launch.normalize(x3, y3, w, None, mean, var, cfg, stat_is_var=True, eps=1e-5, activation=activation,
-                         act_param=0.0)  # fmt: skip
+        launch.normalize(
+            x3, y3, w, None, mean, var, cfg, stat_is_var=True, eps=1e-5, activation=activation, act_param=0.0
+        )
     finally:
         torch.Tensor.get_device = saved
 

@@ -38,13 +38,20 @@ def assert_matches_ref(ours, theirs, ref64, dtype, name, floor=0.0):
     magnitude = ref64.abs().max().item() if ref64.numel() else 0.0
     atol = 2 * torch_err + ATOL[dtype] + RTOL[dtype] * magnitude + floor
     torch.testing.assert_close(
-        ours.double(), ref64, rtol=0, atol=atol, equal_nan=True,
+        ours.double(),
+        ref64,
+        rtol=0,
+        atol=atol,
+        equal_nan=True,
         msg=lambda m: f"{name} ({dtype}, torch's own error {torch_err:.3g}): {m}",
-    )  # fmt: skip
+    )
 
 
-MODULES = {1: (nn.BatchNorm1d, FusedBatchNorm1d), 2: (nn.BatchNorm2d, FusedBatchNorm2d),
-           3: (nn.BatchNorm3d, FusedBatchNorm3d)}  # fmt: skip
+MODULES = {
+    1: (nn.BatchNorm1d, FusedBatchNorm1d),
+    2: (nn.BatchNorm2d, FusedBatchNorm2d),
+    3: (nn.BatchNorm3d, FusedBatchNorm3d),
+}
 
 
 def make_pair(num_features, *, dtype=torch.float32, device=DEVICE, activation=None, dims=1, **kwargs):

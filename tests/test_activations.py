@@ -45,8 +45,9 @@ def test_fused_activation_split_path(activation, kernel_path):
     compare_step(torch_bn, ours, x, dy, activation)
 
 
-@pytest.mark.parametrize("activation", [a for a in bnfast.SUPPORTED_ACTIVATIONS if a != "relu"] + [nn.ELU(0.5)],
-                         ids=activation_id)  # fmt: skip
+@pytest.mark.parametrize(
+    "activation", [a for a in bnfast.SUPPORTED_ACTIVATIONS if a != "relu"] + [nn.ELU(0.5)], ids=activation_id
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_float64(activation, training):
     """ReLU is left out: its kink makes finite differences meaningless at points that land near 0."""
@@ -57,8 +58,9 @@ def test_gradcheck_float64(activation, training):
     running_mean, running_var = torch.randn(3, **f64), torch.rand(3, **f64) + 0.5
 
     def fn(x, weight, bias):
-        return bnfast.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training,
-                                 activation=activation)  # fmt: skip
+        return bnfast.batch_norm(
+            x, running_mean.clone(), running_var.clone(), weight, bias, training, activation=activation
+        )
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
 
@@ -67,8 +69,14 @@ def test_elu_selu_exact_near_zero():
     """expm1, not exp - 1: for z ~ 1e-6 the naive form loses half the digits; torch is exact there."""
     z = torch.tensor([[-1e-6, -3e-7], [1e-7, 2e-6]], dtype=torch.float32, device=DEVICE)
     for name in ("elu", "selu"):
-        ours = bnfast.batch_norm(z, torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE) - 1e-5,
-                                 training=False, eps=1e-5, activation=name)  # fmt: skip
+        ours = bnfast.batch_norm(
+            z,
+            torch.zeros(2, device=DEVICE),
+            torch.ones(2, device=DEVICE) - 1e-5,
+            training=False,
+            eps=1e-5,
+            activation=name,
+        )
         expected = bnfast.resolve_activation(name).apply(z.double()).float()
         # interpreter (numpy, IEEE): within 2e-7 (<= 2 ulp). Compiled: exp is `ex2.approx.f32` (bench.kernel_report
         # lists it); Kahan's form corrects its error through the accurate log (libdevice), divisions are correctly
@@ -79,9 +87,17 @@ def test_elu_selu_exact_near_zero():
 
 @pytest.mark.parametrize(
     "spec,expected",
-    [("relu", "relu"), ("SiLU", "silu"), ("swish", "silu"), (nn.ReLU(inplace=True), "relu"),
-     (nn.LeakyReLU(0.3), "leaky_relu"), (nn.GELU(), "gelu"), (nn.GELU("tanh"), "gelu_tanh"), (None, "")],
-)  # fmt: skip
+    [
+        ("relu", "relu"),
+        ("SiLU", "silu"),
+        ("swish", "silu"),
+        (nn.ReLU(inplace=True), "relu"),
+        (nn.LeakyReLU(0.3), "leaky_relu"),
+        (nn.GELU(), "gelu"),
+        (nn.GELU("tanh"), "gelu_tanh"),
+        (None, ""),
+    ],
+)
 def test_resolve_activation(spec, expected):
     act = bnfast.resolve_activation(spec)
     assert act.name == expected
@@ -89,8 +105,11 @@ def test_resolve_activation(spec, expected):
         assert act.param == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("spec", ["softplus", nn.Softplus(), nn.PReLU(), 3, nn.Sequential(nn.ReLU())],
-                         ids=["name", "Softplus", "PReLU", "int", "Sequential"])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    ["softplus", nn.Softplus(), nn.PReLU(), 3, nn.Sequential(nn.ReLU())],
+    ids=["name", "Softplus", "PReLU", "int", "Sequential"],
+)
 def test_unsupported_activation_raises(spec):
     with pytest.raises(ValueError, match=r"(?s)unsupported activation .*: bnfast fuses relu, leaky_relu, elu"):
         FusedBatchNorm1d(4, activation=spec)
@@ -139,8 +158,10 @@ def test_hardswish_kinks_follow_torch(kernel_path):
     eps = 2.0**-20
     z = torch.tensor([[-4.0, -3.0, -1.5, 0.0], [1e-8, 1.5, 3.0, 4.0]], dtype=torch.float64, device=DEVICE)
     z = z.repeat(4, 1).requires_grad_(True)
-    mean, var = torch.zeros(4, dtype=torch.float64, device=DEVICE), torch.full((4,), 1 - eps, dtype=torch.float64,
-                                                                               device=DEVICE)  # fmt: skip
+    mean, var = (
+        torch.zeros(4, dtype=torch.float64, device=DEVICE),
+        torch.full((4,), 1 - eps, dtype=torch.float64, device=DEVICE),
+    )
     ours = bnfast.batch_norm(z, mean, var, training=False, eps=eps, activation=nn.Hardswish())
     (grad,) = torch.autograd.grad(ours.sum(), z)
     z_ref = z.detach().clone().requires_grad_(True)

@@ -258,8 +258,15 @@ def test_training_loop_tracks_torch_step_for_step(kernel_path):
     +-lr steps in a random direction in either model. That is a property of the model, not of the kernels.
     """
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8), nn.BatchNorm1d(8),
-                          nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(12, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    ).to(DEVICE)
     ours = bnfast.convert(copy.deepcopy(model))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ours)]
     gen = torch.Generator().manual_seed(1)

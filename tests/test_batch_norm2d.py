@@ -99,8 +99,9 @@ def test_gradcheck(training, layout):
     running_mean, running_var = torch.randn(3, **f64), torch.rand(3, **f64) + 0.5
 
     def fn(x, weight, bias):
-        return bnfast.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training,
-                                 activation="silu")  # fmt: skip
+        return bnfast.batch_norm(
+            x, running_mean.clone(), running_var.clone(), weight, bias, training, activation="silu"
+        )
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
 
@@ -136,9 +137,16 @@ def test_state_dict_loads_both_ways():
 
 def small_cnn():
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 3),
-    )  # fmt: skip
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 3),
+    )
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])

@@ -62,8 +62,10 @@ def test_sanity_check_runs_and_catches_a_wrong_result(monkeypatch):
     reports a case whose result is off (here: the reference's tolerance made impossible) without stopping."""
     from bench import sanity
 
-    tiny = [cases.Case("fwd+bwd", "relu", "float32", (8, 4)), cases.Case("fwd+bwd", "relu", "bfloat16", (2, 4, 3, 5),
-                                                                          "channels_last", residual=True)]  # fmt: skip
+    tiny = [
+        cases.Case("fwd+bwd", "relu", "float32", (8, 4)),
+        cases.Case("fwd+bwd", "relu", "bfloat16", (2, 4, 3, 5), "channels_last", residual=True),
+    ]
     result = sanity.check("cpu", tiny)
     assert result["ok"] and [c["id"] for c in result["cases"]] == [c.id for c in tiny], result
     monkeypatch.setitem(harness.CHECK_TOL, torch.float32, -1.0)
@@ -82,9 +84,16 @@ def _fake_run(tmp_path):
     for (mode, act, dtype, shape), providers in times.items():
         case = harness.Case(mode, act, dtype, shape)
         for provider, t in providers.items():
-            info = dict(mode=mode, activation=act, dtype=dtype, shape=list(shape), provider=provider,
-                        min_bytes=case.min_bytes(), GBps=case.min_bytes() / t / 1e9,
-                        frac_of_copy_bw=case.min_bytes() / t / 3e12)  # fmt: skip
+            info = dict(
+                mode=mode,
+                activation=act,
+                dtype=dtype,
+                shape=list(shape),
+                provider=provider,
+                min_bytes=case.min_bytes(),
+                GBps=case.min_bytes() / t / 1e9,
+                frac_of_copy_bw=case.min_bytes() / t / 3e12,
+            )
             benchmarks.append({"group": case.id, "stats": {"median": t}, "extra_info": info})
     models = (
         ("torch-BN", 300e-6, 40),
@@ -140,8 +149,16 @@ def _bench_json(path, benchmarks, machine=None):
 
 
 def _bn_result(case, provider, seconds, **extra):
-    info = dict(mode=case.mode, activation=case.activation, dtype=case.dtype, shape=list(case.shape),
-                layout=case.layout, residual=case.residual, provider=provider, **extra)  # fmt: skip
+    info = dict(
+        mode=case.mode,
+        activation=case.activation,
+        dtype=case.dtype,
+        shape=list(case.shape),
+        layout=case.layout,
+        residual=case.residual,
+        provider=provider,
+        **extra,
+    )
     return {"group": case.id, "stats": {"median": seconds}, "extra_info": info}
 
 
@@ -150,29 +167,62 @@ def test_summarize_issue18_targets_env_and_checks(tmp_path):
     big = cases.Case("fwd+bwd", "relu", "bfloat16", (65536, 512))  # 64 MiB: >= 1.55x eager, 1.1x compile, 85% floor
     mid = cases.Case("fwd+bwd", "relu", "float32", (4096, 256))  # 4 MiB: >= 2.0x eager, 1.3x compile
     tiny = cases.Case("fwd+bwd", "relu", "float32", (32, 32))  # launch-bound: host time <= eager's
-    first = _bench_json(tmp_path / "bench-bn.json", [
-        _bn_result(big, "bnfast", 100e-6, standalone_frac_of_copy_bw=0.8),
-        _bn_result(big, "eager", 140e-6), _bn_result(big, "compile", 120e-6),
-        _bn_result(mid, "bnfast", 10e-6), _bn_result(mid, "eager", 18e-6), _bn_result(mid, "compile", 14e-6),
-        _bn_result(tiny, "bnfast", 5e-6, host_us=20.0), _bn_result(tiny, "eager", 9e-6, host_us=15.0),
-    ], machine={"cuda_device": "Fake GPU", "copy_GBps": 4000.0})  # fmt: skip
-    mnist = [{"group": "mnist step batch=32 hidden=32", "stats": {"median": t},
-              "extra_info": dict(batch=32, hidden=32, model=m)}
-             for m, t in (("no-BN+graph", 100e-6), ("bnfast+graph", 104e-6))]  # fmt: skip
+    first = _bench_json(
+        tmp_path / "bench-bn.json",
+        [
+            _bn_result(big, "bnfast", 100e-6, standalone_frac_of_copy_bw=0.8),
+            _bn_result(big, "eager", 140e-6),
+            _bn_result(big, "compile", 120e-6),
+            _bn_result(mid, "bnfast", 10e-6),
+            _bn_result(mid, "eager", 18e-6),
+            _bn_result(mid, "compile", 14e-6),
+            _bn_result(tiny, "bnfast", 5e-6, host_us=20.0),
+            _bn_result(tiny, "eager", 9e-6, host_us=15.0),
+        ],
+        machine={"cuda_device": "Fake GPU", "copy_GBps": 4000.0},
+    )
+    mnist = [
+        {
+            "group": "mnist step batch=32 hidden=32",
+            "stats": {"median": t},
+            "extra_info": dict(batch=32, hidden=32, model=m),
+        }
+        for m, t in (("no-BN+graph", 100e-6), ("bnfast+graph", 104e-6))
+    ]
     second = _bench_json(tmp_path / "bench-mnist.json", mnist)
     env = tmp_path / "env.json"
-    env.write_text(json.dumps({"commit": "abc1234", "device": "Fake GPU", "python": "3.12", "torch": "2.11",
-                               "cuda": "13.0", "triton": "3.6.0", "numpy": "2.5", "date": "2026-12-02"}))  # fmt: skip
+    env.write_text(
+        json.dumps(
+            {
+                "commit": "abc1234",
+                "device": "Fake GPU",
+                "python": "3.12",
+                "torch": "2.11",
+                "cuda": "13.0",
+                "triton": "3.6.0",
+                "numpy": "2.5",
+                "date": "2026-12-02",
+            }
+        )
+    )
     sanity = tmp_path / "sanity.json"
     sanity.write_text(json.dumps({"ok": True, "cases": [{"id": tiny.id, "max_err": 1e-7}]}))
     parity = tmp_path / "parity.xml"
-    parity.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0">'
-                      '<testcase classname="tests.test_x" name="test_a"/>'
-                      '<testcase classname="tests.test_x" name="test_b">'
-                      '<failure message="boom"/></testcase><testcase classname="tests.test_x" name="test_c"/>'
-                      "</testsuite></testsuites>")  # fmt: skip
-    result = summarize([first, second], tmp_path / "out", command="bash bench/run_gpu.sh", env_path=env,
-                       sanity_path=sanity, parity_paths=[parity])  # fmt: skip
+    parity.write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0">'
+        '<testcase classname="tests.test_x" name="test_a"/>'
+        '<testcase classname="tests.test_x" name="test_b">'
+        '<failure message="boom"/></testcase><testcase classname="tests.test_x" name="test_c"/>'
+        "</testsuite></testsuites>"
+    )
+    result = summarize(
+        [first, second],
+        tmp_path / "out",
+        command="bash bench/run_gpu.sh",
+        env_path=env,
+        sanity_path=sanity,
+        parity_paths=[parity],
+    )
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert result["missed"][big.id] == ["< 1.55x eager", "< 85% of copy BW (standalone floor)"]  # 1.4x; 1.2x met
     assert result["missed"][mid.id] == ["< 2.0x eager"]  # 1.8x; 1.4x compile met
@@ -235,8 +285,17 @@ def test_run_case_times_on_the_marked_clock(tmp_path):
     (tmp_path / "test_run_case.py").write_text(RUN_CASE_FILE)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", str(tmp_path / "test_run_case.py"), "-q", "-p", "no:cacheprovider",
-           "--benchmark-only", f"--benchmark-json={tmp_path / 'out.json'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(tmp_path / "test_run_case.py"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        f"--benchmark-json={tmp_path / 'out.json'}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     timers = {b["name"]: b["options"]["timer"] for b in json.loads((tmp_path / "out.json").read_text())["benchmarks"]}

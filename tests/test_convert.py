@@ -14,8 +14,9 @@ from bnfast import FusedBatchNorm1d
 def seeds_mlp():
     """The seeds' model: one ReLU object used twice."""
     relu = nn.ReLU()
-    return nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), relu, nn.Linear(16, 12), nn.BatchNorm1d(12), relu,
-                         nn.Linear(12, 3))  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(20, 16), nn.BatchNorm1d(16), relu, nn.Linear(16, 12), nn.BatchNorm1d(12), relu, nn.Linear(12, 3)
+    )
 
 
 class Nested(nn.Module):
@@ -34,8 +35,9 @@ class Nested(nn.Module):
 
 def sequence_1d():
     """(N, C, L) inputs, and a BatchNorm1d that ends the Sequential (nothing to fuse with)."""
-    return nn.Sequential(nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6), nn.LeakyReLU(0.1), nn.Conv1d(6, 6, 1),
-                         nn.BatchNorm1d(6))  # fmt: skip
+    return nn.Sequential(
+        nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6), nn.LeakyReLU(0.1), nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6)
+    )
 
 
 MODELS = {"seeds_mlp": (seeds_mlp, (32, 20)), "nested": (Nested, (32, 20)), "conv1d": (sequence_1d, (8, 4, 9))}
@@ -72,8 +74,15 @@ def test_seeds_mlp_pairs_are_fused_with_the_shared_relu():
     keys = list(model.state_dict())
     converted = bnfast.convert(model)
     assert converted is model  # in place
-    assert [type(m).__name__ for m in converted] == ["Linear", "FusedBatchNorm1d", "Identity", "Linear",
-                                                     "FusedBatchNorm1d", "Identity", "Linear"]  # fmt: skip
+    assert [type(m).__name__ for m in converted] == [
+        "Linear",
+        "FusedBatchNorm1d",
+        "Identity",
+        "Linear",
+        "FusedBatchNorm1d",
+        "Identity",
+        "Linear",
+    ]
     assert converted[1].activation.name == converted[4].activation.name == "relu"
     assert list(converted.state_dict()) == keys
 

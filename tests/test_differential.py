@@ -29,10 +29,20 @@ from bnfast.testing import force_plan
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ACTIVATIONS = [None, "relu", "silu", "leaky_relu", "gelu", "tanh"]
-MODULES = {2: (nn.BatchNorm1d, bnfast.FusedBatchNorm1d), 3: (nn.BatchNorm1d, bnfast.FusedBatchNorm1d),
-           4: (nn.BatchNorm2d, bnfast.FusedBatchNorm2d), 5: (nn.BatchNorm3d, bnfast.FusedBatchNorm3d)}  # fmt: skip
-SETTINGS = settings(derandomize=True, max_examples=100, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+MODULES = {
+    2: (nn.BatchNorm1d, bnfast.FusedBatchNorm1d),
+    3: (nn.BatchNorm1d, bnfast.FusedBatchNorm1d),
+    4: (nn.BatchNorm2d, bnfast.FusedBatchNorm2d),
+    5: (nn.BatchNorm3d, bnfast.FusedBatchNorm3d),
+}
+SETTINGS = settings(
+    derandomize=True,
+    max_examples=100,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _poisoned(shape, dtype):

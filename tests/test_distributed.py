@@ -52,12 +52,17 @@ class Case:
         """(initial state, [(x, dy) of the global batch per step]); mean 10, std 3: the shifts matter."""
         gen = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
         C = self.C
-        init = dict(weight=torch.rand(C, generator=gen, dtype=F64) + 0.5, bias=torch.randn(C, generator=gen, dtype=F64),
-                    running_mean=torch.randn(C, generator=gen, dtype=F64),
-                    running_var=torch.rand(C, generator=gen, dtype=F64) + 0.5)  # fmt: skip
+        init = dict(
+            weight=torch.rand(C, generator=gen, dtype=F64) + 0.5,
+            bias=torch.randn(C, generator=gen, dtype=F64),
+            running_mean=torch.randn(C, generator=gen, dtype=F64),
+            running_var=torch.rand(C, generator=gen, dtype=F64) + 0.5,
+        )
         shape = (sum(self.sizes), *self.tail)
-        batches = [(torch.randn(shape, generator=gen, dtype=F64) * 3 + 10, torch.randn(shape, generator=gen, dtype=F64))
-                   for _ in range(self.steps)]  # fmt: skip
+        batches = [
+            (torch.randn(shape, generator=gen, dtype=F64) * 3 + 10, torch.randn(shape, generator=gen, dtype=F64))
+            for _ in range(self.steps)
+        ]
         return init, batches
 
     def state(self, module):
@@ -95,8 +100,10 @@ def _mlp():
 
 def _mlp_data():
     gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(MLP_BATCH, 6, generator=gen, dtype=F64) * 2 + 1,
-             torch.randint(0, 3, (MLP_BATCH,), generator=gen)) for _ in range(MLP_STEPS)]  # fmt: skip
+    return [
+        (torch.randn(MLP_BATCH, 6, generator=gen, dtype=F64) * 2 + 1, torch.randint(0, 3, (MLP_BATCH,), generator=gen))
+        for _ in range(MLP_STEPS)
+    ]
 
 
 def _train_mlp(model, lo, hi):
@@ -112,8 +119,14 @@ def _run_case(case, rank, world):
     _, batches = case.data()
     lo = sum(case.sizes[:rank])
     hi = lo + case.sizes[rank]
-    module = FusedSyncBatchNorm(case.C, momentum=case.momentum, affine=case.affine, track_running_stats=case.track,
-                                activation=case.activation, dtype=F64)  # fmt: skip
+    module = FusedSyncBatchNorm(
+        case.C,
+        momentum=case.momentum,
+        affine=case.affine,
+        track_running_stats=case.track,
+        activation=case.activation,
+        dtype=F64,
+    )
     module = case.state(module)
     out = {"y": [], "dx": [], "dweight": [], "dbias": []}
     for x_all, dy_all in batches:
@@ -225,8 +238,9 @@ def _reference(case):
     """torch's BatchNorm (non-synced) + the activation on the global batch, stepped like the workers."""
     _, batches = case.data()
     bn_type = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(case.tail) + 1]
-    bn = case.state(bn_type(case.C, momentum=case.momentum, affine=case.affine, track_running_stats=case.track,
-                            dtype=F64))  # fmt: skip
+    bn = case.state(
+        bn_type(case.C, momentum=case.momentum, affine=case.affine, track_running_stats=case.track, dtype=F64)
+    )
     act = bnfast.resolve_activation(case.activation)
     out = {"y": [], "dx": [], "dweight": [], "dbias": []}
     for x_all, dy_all in batches:
@@ -239,14 +253,16 @@ def _reference(case):
         for name, g in zip(("dweight", "dbias"), dparams, strict=False):
             out[name].append(g)
     if case.track:
-        out.update(running_mean=bn.running_mean, running_var=bn.running_var,
-                   num_batches_tracked=bn.num_batches_tracked.item())  # fmt: skip
+        out.update(
+            running_mean=bn.running_mean, running_var=bn.running_var, num_batches_tracked=bn.num_batches_tracked.item()
+        )
     out["eval"] = act.apply(bn.eval()(batches[-1][0])).detach() if case.track else None
     return out
 
 
-PARAMS = [pytest.param(run, case, id=f"{run}-{case.name}") for run, (world, _) in RUNS.items()
-          for case in _cases(world)]  # fmt: skip
+PARAMS = [
+    pytest.param(run, case, id=f"{run}-{case.name}") for run, (world, _) in RUNS.items() for case in _cases(world)
+]
 
 
 @pytest.mark.parametrize("run, case", PARAMS)

@@ -18,10 +18,14 @@ def mnist_mlp():
     """The MNIST MLP: 784-32-32-10 with BatchNorm1d + ReLU after each hidden Linear."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.Linear(784, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
         nn.Linear(32, 10),
-    )  # fmt: skip
+    )
 
 
 def bn_without_bias(num_features):
@@ -36,13 +40,19 @@ def deep_mlp():
     Sequentials, an activation with a parameter, and a BN that follows no Linear (left in place)."""
     return nn.Sequential(
         nn.BatchNorm1d(16),  # not after a Linear: stays
-        nn.Linear(16, 24), nn.BatchNorm1d(24, momentum=None), nn.LeakyReLU(0.2),
+        nn.Linear(16, 24),
+        nn.BatchNorm1d(24, momentum=None),
+        nn.LeakyReLU(0.2),
         nn.Sequential(nn.Linear(24, 24, bias=False), nn.BatchNorm1d(24), nn.GELU()),
-        nn.Linear(24, 20), nn.BatchNorm1d(20, affine=False), nn.SiLU(),
+        nn.Linear(24, 20),
+        nn.BatchNorm1d(20, affine=False),
+        nn.SiLU(),
         nn.Sequential(nn.Linear(20, 20), bn_without_bias(20), nn.ELU(0.5)),
-        nn.Linear(20, 12), nn.BatchNorm1d(12), nn.Tanh(),
+        nn.Linear(20, 12),
+        nn.BatchNorm1d(12),
+        nn.Tanh(),
         nn.Linear(12, 5),
-    )  # fmt: skip
+    )
 
 
 def trained(model, in_features, dtype=torch.float32, steps=3):
@@ -98,10 +108,13 @@ def test_fold_slots():
     """The BN slot keeps the Sequential's indices: the fused activation's module, or Identity."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(4, 6), FusedBatchNorm1d(6, activation=nn.LeakyReLU(0.3)),
-        nn.Linear(6, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(),
+        nn.Linear(4, 6),
+        FusedBatchNorm1d(6, activation=nn.LeakyReLU(0.3)),
+        nn.Linear(6, 6, bias=False),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
         nn.Linear(6, 2),
-    ).eval()  # fmt: skip
+    ).eval()
     folded = bnfast.fold(model)
     assert [type(m) for m in folded] == [nn.Linear, nn.LeakyReLU, nn.Linear, nn.Identity, nn.ReLU, nn.Linear]
     assert folded[1].negative_slope == 0.3

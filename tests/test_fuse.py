@@ -30,10 +30,16 @@ class Block(nn.Module):
     def forward(self, x):
         v = self.variant
         y = self.bn1(self.conv(x))
-        y = {"module": lambda: self.act(y), "F.relu": lambda: F.relu(y, inplace=True), "torch.relu_": lambda:
-             torch.relu_(y), "method": lambda: y.relu(), "leaky": lambda: F.leaky_relu(y, 0.2),
-             "elu": lambda: F.elu(y, alpha=0.5), "gelu_tanh": lambda: F.gelu(y, approximate="tanh"),
-             "silu": lambda: F.silu(y)}[v]()  # fmt: skip
+        y = {
+            "module": lambda: self.act(y),
+            "F.relu": lambda: F.relu(y, inplace=True),
+            "torch.relu_": lambda: torch.relu_(y),
+            "method": lambda: y.relu(),
+            "leaky": lambda: F.leaky_relu(y, 0.2),
+            "elu": lambda: F.elu(y, alpha=0.5),
+            "gelu_tanh": lambda: F.gelu(y, approximate="tanh"),
+            "silu": lambda: F.silu(y),
+        }[v]()
         z = self.bn2(y)
         z += x  # traced as operator.add
         z = self.act(z)
@@ -269,7 +275,11 @@ def test_fold_convolutions(dtype):
             m.running_var.uniform_(0.5, 2.0), m.running_mean.uniform_(-0.5, 0.5)
     folded = bnfast.fold(model)
     assert [type(m).__name__ for m in (folded.b1, folded.b2, folded.b3, folded.seq[1])] == [
-        "Identity", "SiLU", "Identity", "Identity"]  # fmt: skip
+        "Identity",
+        "SiLU",
+        "Identity",
+        "Identity",
+    ]
     assert type(folded.b4) is nn.BatchNorm2d  # c4's output has two users: not folded
     inputs = [torch.randn(2, 3, *s, dtype=dtype) for s in ((7,), (5, 5), (2, 3, 3))]
     tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}[dtype]
@@ -277,7 +287,6 @@ def test_fold_convolutions(dtype):
         torch.testing.assert_close(folded(*inputs), model(*inputs), **tol)
     with pytest.raises(ValueError, match="training mode"):
         bnfast.fold(model.train())
-
 
 
 # ---- timm's norm-act layers ----------------------------------------------------------------------------------------
@@ -302,11 +311,14 @@ def test_timm_norm_act_layers_convert_only_when_the_tail_fuses():
     converted = bnfast.convert(copy.deepcopy(model))
     kinds = {k: (type(m).__name__, repr(getattr(m, "activation", None))) for k, m in converted.items()}
     assert kinds == {
-        "leaky": ("FusedBatchNorm2d", "leaky_relu(0.3)"), "no act": ("FusedBatchNorm2d", "None"),
-        "dropout": ("BatchNormAct2d", "None"), "hardswish": ("FusedBatchNorm2d", "'hardswish'"),
+        "leaky": ("FusedBatchNorm2d", "leaky_relu(0.3)"),
+        "no act": ("FusedBatchNorm2d", "None"),
+        "dropout": ("BatchNormAct2d", "None"),
+        "hardswish": ("FusedBatchNorm2d", "'hardswish'"),
         "hardsigmoid": ("BatchNormAct2d", "None"),
-        "hooked act": ("BatchNormAct2d", "None"), "sync": ("FusedSyncBatchNorm", "'silu'"),
-    }  # fmt: skip
+        "hooked act": ("BatchNormAct2d", "None"),
+        "sync": ("FusedSyncBatchNorm", "'silu'"),
+    }
     x = torch.randn(2, 4, 3, 3, device=DEVICE)
     for key, layer in model.items():
         assert sorted(converted[key].state_dict()) == sorted(layer.state_dict()), key

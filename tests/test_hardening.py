@@ -81,8 +81,9 @@ def test_strided_running_stats_are_read_and_updated_in_place(shape, training, ke
     actual = step(lambda x: bnfast.batch_norm(x, ours[:, 0], ours[:, 1], training=training), x, dy)
     for name, a, e in zip(("y", "dx"), actual, expected, strict=True):
         torch.testing.assert_close(a, e, **F32, msg=lambda m, name=name: f"{name}: {m}")
-    torch.testing.assert_close(ours, torch.stack([rm_t, rv_t], 1), **F32,
-                               msg=lambda m: f"running stats (column 0 mean, 1 var): {m}")  # fmt: skip
+    torch.testing.assert_close(
+        ours, torch.stack([rm_t, rv_t], 1), **F32, msg=lambda m: f"running stats (column 0 mean, 1 var): {m}"
+    )
 
 
 @TRAIN_EVAL
@@ -95,10 +96,14 @@ def test_expanded_weight_and_bias(shape, training, kernel_path):
     w0, b0 = torch.tensor(1.5, device=DEVICE), torch.tensor(0.3, device=DEVICE)
     stats = (torch.linspace(-1, 1, C, device=DEVICE), torch.linspace(0.5, 2, C, device=DEVICE))
     (rm_t, rv_t), (rm_o, rv_o) = [s.clone() for s in stats], [s.clone() for s in stats]
-    expected = step(lambda x, w, b: F.batch_norm(x, rm_t, rv_t, w.expand(C).contiguous(), b.expand(C).contiguous(),
-                                                 training), x, dy, w0, b0)  # fmt: skip
-    actual = step(lambda x, w, b: bnfast.batch_norm(x, rm_o, rv_o, w.expand(C), b.expand(C), training), x, dy, w0,
-                  b0)  # fmt: skip
+    expected = step(
+        lambda x, w, b: F.batch_norm(x, rm_t, rv_t, w.expand(C).contiguous(), b.expand(C).contiguous(), training),
+        x,
+        dy,
+        w0,
+        b0,
+    )
+    actual = step(lambda x, w, b: bnfast.batch_norm(x, rm_o, rv_o, w.expand(C), b.expand(C), training), x, dy, w0, b0)
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), actual, expected, strict=True):
         torch.testing.assert_close(a, e, **F32, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close((rm_o, rv_o), (rm_t, rv_t), **F32)
@@ -180,8 +185,13 @@ def _momentum1_step(batch_norm, x, dy, weight, bias, dtype):
     variance themselves: (y, dx, dweight, dbias, running_mean, running_var)."""
     C = x.shape[1]
     rm, rv = torch.zeros(C, dtype=dtype, device=DEVICE), torch.ones(C, dtype=dtype, device=DEVICE)
-    grads = step(lambda x, w, b: batch_norm(x, rm, rv, w, b, True, 1.0, 1e-5), x.to(dtype), dy.to(dtype),
-                 weight.to(dtype), bias.to(dtype))  # fmt: skip
+    grads = step(
+        lambda x, w, b: batch_norm(x, rm, rv, w, b, True, 1.0, 1e-5),
+        x.to(dtype),
+        dy.to(dtype),
+        weight.to(dtype),
+        bias.to(dtype),
+    )
     return (*grads, rm, rv)
 
 
@@ -332,8 +342,9 @@ def test_amp_layout_still_matches_torch(dtype, training):
 
 def test_functional_eval_without_running_stats_raises_like_torch():
     x, _ = random_input((5, 3))
-    assert assert_same_outcome(lambda: F.batch_norm(x, None, None, training=False),
-                               lambda: bnfast.batch_norm(x, None, None, training=False))  # fmt: skip
+    assert assert_same_outcome(
+        lambda: F.batch_norm(x, None, None, training=False), lambda: bnfast.batch_norm(x, None, None, training=False)
+    )
 
 
 # ---- 7. torch.func and batched gradients --------------------------------------------------------------------------
@@ -583,9 +594,10 @@ def _second_order(fn, inputs, cotangent, direction):
 
 
 @pytest.mark.parametrize(
-    "activation,shape", [(None, (3, 2, 3)), ("silu", (4, 3)), ("tanh", (3, 2, 3))],
+    "activation,shape",
+    [(None, (3, 2, 3)), ("silu", (4, 3)), ("tanh", (3, 2, 3))],
     ids=lambda v: shape_id(v) if isinstance(v, tuple) else str(v),
-)  # fmt: skip
+)
 @TRAIN_EVAL
 def test_double_backward(activation, shape, training, kernel_path):
     """Second derivatives equal torch's (BatchNorm -> activation, float64), then gradgradcheck (fast mode: the

@@ -41,8 +41,9 @@ def _run(*args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BNFAST_TEST_DEVICE")}
     env["PYTHON"] = sys.executable
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _stages(stdout: str) -> dict[str, list[str]]:
@@ -90,8 +91,9 @@ def test_headline_stages_in_order(headline):
 
 def test_headline_benchmarks_are_the_issue_cases(headline):
     stages, _ = headline
-    expected = [f"bench/test_batch_norm.py::test_batch_norm[{case}-{p}]" for case in HEADLINE_CASE_IDS
-                for p in PROVIDERS]  # fmt: skip
+    expected = [
+        f"bench/test_batch_norm.py::test_batch_norm[{case}-{p}]" for case in HEADLINE_CASE_IDS for p in PROVIDERS
+    ]
     assert stages["bn"] == expected  # exactly these, in this order (a case's providers side by side)
 
 
@@ -108,8 +110,11 @@ def test_headline_mnist_is_every_model(headline):
 
 def test_parity_smoke_exists_and_covers(headline):
     stages, _ = headline
-    listed = [line.strip() for line in (REPO / "bench" / "headline_tests.txt").read_text().splitlines()
-              if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    listed = [
+        line.strip()
+        for line in (REPO / "bench" / "headline_tests.txt").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     ids = stages["parity"]
     assert ids == listed  # every listed test exists (collected), nothing else runs
     assert 15 <= len(ids) <= 25

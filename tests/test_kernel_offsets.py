@@ -16,14 +16,16 @@ import triton.language as tl
 from bnfast.kernels.batch_norm import _tile_offsets
 
 
+# fmt: off
 @triton.jit
 def _offsets_kernel(out_ptr, n0, s0, N, C, S, stride_n, stride_c, stride_s,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     c_offs = tl.arange(0, BLOCK_C)
     offs, mask = _tile_offsets(n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S)
     i = (tl.arange(0, BLOCK_N)[:, None, None] * (BLOCK_C * BLOCK_S) + tl.arange(0, BLOCK_C)[None, :, None] * BLOCK_S
-         + tl.arange(0, BLOCK_S)[None, None, :])  # fmt: skip
+         + tl.arange(0, BLOCK_S)[None, None, :])
     tl.store(out_ptr + i, offs, mask=mask)
+# fmt: on
 
 
 CASES = {

@@ -105,17 +105,26 @@ def test_benchmarked_configurations_keep_two_ctas_per_sm(report):
     assert len(rows) >= 50, "the ci matrix lost the benchmarked configurations"
     low = [
         _describe(r, a) + f", {r[f'sm{a}']['ctas_per_sm']} CTAs/SM"
-        for r in rows for a in report["archs"]
+        for r in rows
+        for a in report["archs"]
         if "error" not in r[f"sm{a}"] and r[f"sm{a}"]["ctas_per_sm"] < MIN_CTAS_PER_SM
-    ]  # fmt: skip
+    ]
     assert not low, f"{len(low)} benchmarked configurations below {MIN_CTAS_PER_SM} CTAs per SM:\n" + "\n".join(low)
 
 
 @pytest.mark.parametrize(
     "regs, warps, smem, arch, expected",
-    [(128, 8, 0, 90, 2), (130, 8, 0, 90, 1), (255, 4, 0, 90, 2), (32, 4, 0, 90, 16), (40, 1, 0, 90, 32),
-     (64, 8, 120000, 90, 1), (64, 8, 120000, 80, 1), (64, 8, 80000, 90, 2)],
-)  # fmt: skip
+    [
+        (128, 8, 0, 90, 2),
+        (130, 8, 0, 90, 1),
+        (255, 4, 0, 90, 2),
+        (32, 4, 0, 90, 16),
+        (40, 1, 0, 90, 32),
+        (64, 8, 120000, 90, 1),
+        (64, 8, 120000, 80, 1),
+        (64, 8, 80000, 90, 2),
+    ],
+)
 def test_ctas_per_sm(regs, warps, smem, arch, expected):
     from bench.kernel_report import ctas_per_sm
 

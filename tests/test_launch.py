@@ -29,11 +29,22 @@ def test_stages_compose_to_bn_fwd_and_bn_bwd():
     x, dy, w, b = _inputs((12, 5, 7))
     with bnfast.testing.force_plan("split", tile_elements=16):
         y_ref, mean_ref, rstd_ref = launch.bn_fwd(
-            x, w, b, None, None, None, training=True, momentum=0.1, cumulative=False, eps=1e-5, activation="gelu",
+            x,
+            w,
+            b,
+            None,
+            None,
+            None,
+            training=True,
+            momentum=0.1,
+            cumulative=False,
+            eps=1e-5,
+            activation="gelu",
             act_param=0.0,
-        )  # fmt: skip
-        dx_ref, dw_ref, db_ref, _ = launch.bn_bwd(dy, x, w, b, mean_ref, rstd_ref, training=True, eps=1e-5,
-                                               activation="gelu", act_param=0.0)  # fmt: skip
+        )
+        dx_ref, dw_ref, db_ref, _ = launch.bn_bwd(
+            dy, x, w, b, mean_ref, rstd_ref, training=True, eps=1e-5, activation="gelu", act_param=0.0
+        )
         x3 = launch.as_ncs(x)
         cfg = launch.config_for(x3, 1)
         assert cfg.plan == "split" and cfg.num_splits > 1
@@ -43,18 +54,38 @@ def test_stages_compose_to_bn_fwd_and_bn_bwd():
         mean, rstd = torch.empty(5, device=DEVICE), torch.empty(5, device=DEVICE)
         launch.stats_finalize(part, shift, mean, rstd, None, None, eps=1e-5, momentum=0.1, cumulative=False)
         y = torch.empty_like(x)
-        launch.normalize(x3, launch.as_ncs(y), w, b, mean, rstd, cfg, stat_is_var=False, eps=1e-5,
-                         activation="gelu", act_param=0.0)  # fmt: skip
+        launch.normalize(
+            x3, launch.as_ncs(y), w, b, mean, rstd, cfg, stat_is_var=False, eps=1e-5, activation="gelu", act_param=0.0
+        )
         bcfg = launch.config_for(x3, launch.register_widening(torch.float32, "gelu", backward=True))
-        gpart = launch.grad_partial(launch.as_ncs(dy), x3, w, b, mean, rstd, bcfg, training=True, eps=1e-5,
-                                    activation="gelu", act_param=0.0)  # fmt: skip
+        gpart = launch.grad_partial(
+            launch.as_ncs(dy), x3, w, b, mean, rstd, bcfg, training=True, eps=1e-5, activation="gelu", act_param=0.0
+        )
         dw, db = torch.empty(5, device=DEVICE), torch.empty(5, device=DEVICE)
         sums = launch.grad_finalize(gpart, dw, db)
         dx = torch.empty_like(x)
-        launch.grad_input(launch.as_ncs(dy), x3, launch.as_ncs(dx), w, b, mean, rstd, sums, bcfg, count=12 * 7,
-                          activation="gelu", act_param=0.0)  # fmt: skip
-    for name, a, r in [("y", y, y_ref), ("mean", mean, mean_ref), ("rstd", rstd, rstd_ref), ("dx", dx, dx_ref),
-                       ("dw", dw, dw_ref), ("db", db, db_ref)]:  # fmt: skip
+        launch.grad_input(
+            launch.as_ncs(dy),
+            x3,
+            launch.as_ncs(dx),
+            w,
+            b,
+            mean,
+            rstd,
+            sums,
+            bcfg,
+            count=12 * 7,
+            activation="gelu",
+            act_param=0.0,
+        )
+    for name, a, r in [
+        ("y", y, y_ref),
+        ("mean", mean, mean_ref),
+        ("rstd", rstd, rstd_ref),
+        ("dx", dx, dx_ref),
+        ("dw", dw, dw_ref),
+        ("db", db, db_ref),
+    ]:
         torch.testing.assert_close(a, r, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(sums, torch.stack([db_ref, dw_ref]), rtol=0, atol=0)
 
@@ -72,11 +103,25 @@ def test_partials_of_two_tensors_merge_like_one():
         for part, own_shift in parts[1:]:
             part[1] += own_shift - shift
         merged = torch.cat([p for p, _ in parts], dim=1)
-        launch.stats_finalize(merged, shift, whole_mean, whole_rstd, None, None, eps=1e-5, momentum=0.1,
-                              cumulative=False)  # fmt: skip
-        gparts = [launch.grad_partial(launch.as_ncs(d), h, w, b, whole_mean, whole_rstd, launch.config_for(h, 1),
-                                      training=True, eps=1e-5, activation="", act_param=0.0)
-                  for d, h in zip((dy[:4], dy[4:]), halves, strict=True)]  # fmt: skip
+        launch.stats_finalize(
+            merged, shift, whole_mean, whole_rstd, None, None, eps=1e-5, momentum=0.1, cumulative=False
+        )
+        gparts = [
+            launch.grad_partial(
+                launch.as_ncs(d),
+                h,
+                w,
+                b,
+                whole_mean,
+                whole_rstd,
+                launch.config_for(h, 1),
+                training=True,
+                eps=1e-5,
+                activation="",
+                act_param=0.0,
+            )
+            for d, h in zip((dy[:4], dy[4:]), halves, strict=True)
+        ]
         sums = launch.grad_finalize(torch.cat(gparts, dim=1))
     x64 = x.double()
     dims = (0, 2)
@@ -162,14 +207,38 @@ def test_channels_last_rows_merge_into_one_axis():
     x = torch.empty(4, 32, 7, 7, device="meta").to(memory_format=torch.channels_last)
     w = torch.empty(32, device="meta")
     with bnfast.testing.record_launches() as log:
-        launch.bn_fwd(x, w, w, None, None, None, training=True, momentum=0.1, cumulative=False, eps=1e-5,
-                      activation="relu", act_param=0.0)  # fmt: skip
+        launch.bn_fwd(
+            x,
+            w,
+            w,
+            None,
+            None,
+            None,
+            training=True,
+            momentum=0.1,
+            cumulative=False,
+            eps=1e-5,
+            activation="relu",
+            act_param=0.0,
+        )
     name, _, args, kwargs = log[0]
     assert name == "_bn_fwd_single_kernel"
     N, C, S = args[12:15]  # after its 12 pointers
     assert (N, C, S) == (4 * 49, 32, 1) and kwargs["BLOCK_S"] == 1, (name, N, C, S, kwargs)
     x3 = torch.empty(4, 49, 32, device="meta").transpose(1, 2)  # (N, C, L) channels-last; y will be NCL
     with bnfast.testing.record_launches() as log:
-        launch.bn_fwd(x3, w, w, None, None, None, training=True, momentum=0.1, cumulative=False, eps=1e-5,
-                      activation="relu", act_param=0.0)  # fmt: skip
+        launch.bn_fwd(
+            x3,
+            w,
+            w,
+            None,
+            None,
+            None,
+            training=True,
+            momentum=0.1,
+            cumulative=False,
+            eps=1e-5,
+            activation="relu",
+            act_param=0.0,
+        )
     assert tuple(log[0][2][12:15]) == (4, 32, 49)

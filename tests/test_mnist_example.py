@@ -31,17 +31,36 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "examples" / "mnist_compare.py"
 SHARED_RAW_DIR = REPO_ROOT.parent / "shared" / "data" / "MNIST" / "raw"
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-               "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 MODELS = ("no-BN", "torch-BN", "bnfast")
 PLOTS = ("train_loss.png", "train_acc.png", "valid_loss.png", "valid_acc.png")
 WEIGHT_ATOL = 1e-4
 TRAIN_LOGITS_ATOL = 1e-4
 ACCURACY_GAP = 0.02
 MIN_ACCURACY = 0.6  # chance is 0.1; one short epoch reaches about 0.8
-OPTIONS = ("--epochs", "--batch-size", "--lr", "--hidden", "--activation", "--seed", "--device", "--data-dir",
-           "--download", "--limit-train", "--limit-test", "--models", "--no-plots", "--out",
-           "--recalibrate", "--cuda-graphs")  # fmt: skip
+OPTIONS = (
+    "--epochs",
+    "--batch-size",
+    "--lr",
+    "--hidden",
+    "--activation",
+    "--seed",
+    "--device",
+    "--data-dir",
+    "--download",
+    "--limit-train",
+    "--limit-test",
+    "--models",
+    "--no-plots",
+    "--out",
+    "--recalibrate",
+    "--cuda-graphs",
+)
 
 
 def local_mnist_dir() -> Path | None:
@@ -71,12 +90,27 @@ def run_example(cwd: Path, *args, **env) -> subprocess.CompletedProcess:
 def smoke_run(tmp_path_factory):
     """(results.json as a dict, output folder, stdout) of the short run."""
     if local_mnist_dir() is None:
-        pytest.skip(f"no MNIST .gz files: set BNFAST_MNIST_RAW to a folder holding {', '.join(MNIST_FILES)} "
-                    f"(default {SHARED_RAW_DIR})")  # fmt: skip
+        pytest.skip(
+            f"no MNIST .gz files: set BNFAST_MNIST_RAW to a folder holding {', '.join(MNIST_FILES)} "
+            f"(default {SHARED_RAW_DIR})"
+        )
     tmp = tmp_path_factory.mktemp("mnist")
     out = tmp / "out"
-    result = run_example(tmp, "--data-dir", tmp / "data", "--out", out, "--epochs", 1, "--limit-train", 2000,
-                         "--limit-test", 1000, "--no-download", "--recalibrate")  # fmt: skip
+    result = run_example(
+        tmp,
+        "--data-dir",
+        tmp / "data",
+        "--out",
+        out,
+        "--epochs",
+        1,
+        "--limit-train",
+        2000,
+        "--limit-test",
+        1000,
+        "--no-download",
+        "--recalibrate",
+    )
     assert result.returncode == 0, result.stderr
     return json.loads((out / "results.json").read_text()), out, result.stdout
 
@@ -89,9 +123,24 @@ def cnn_smoke_run(tmp_path_factory):
         pytest.skip("no MNIST .gz files (see smoke_run)")
     tmp = tmp_path_factory.mktemp("mnist_cnn")
     out = tmp / "out"
-    result = run_example(tmp, "--data-dir", tmp / "data", "--out", out, "--arch", "cnn", "--channels-last",
-                         "--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--no-download",
-                         "--no-plots")  # fmt: skip
+    result = run_example(
+        tmp,
+        "--data-dir",
+        tmp / "data",
+        "--out",
+        out,
+        "--arch",
+        "cnn",
+        "--channels-last",
+        "--epochs",
+        1,
+        "--limit-train",
+        64,
+        "--limit-test",
+        64,
+        "--no-download",
+        "--no-plots",
+    )
     assert result.returncode == 0, result.stderr
     return json.loads((out / "results.json").read_text())
 
@@ -163,8 +212,10 @@ def test_readme_figures_bound_the_smoke_run(smoke_run):
     results, _, _ = smoke_run
     readme = " ".join((REPO_ROOT / "README.md").read_text(encoding="utf-8").split())  # lines wrap anywhere
     match = results["torch_bn_vs_bnfast"]
-    for phrase, key in (("weights and running stats agree within", "max_abs_diff"),
-                        ("training-mode logits within", "train_mode_logits_max_abs_diff")):  # fmt: skip
+    for phrase, key in (
+        ("weights and running stats agree within", "max_abs_diff"),
+        ("training-mode logits within", "train_mode_logits_max_abs_diff"),
+    ):
         stated = re.search(re.escape(phrase) + r" ([0-9.]+e-[0-9]+)", readme)
         assert stated, f"README.md no longer says '{phrase} <bound>'"
         assert match[key] <= float(stated.group(1)), f"README: {phrase} {stated.group(1)}; measured {match[key]:.2g}"
@@ -230,8 +281,7 @@ def test_one_epoch_plot_shows_markers_on_integer_ticks(example):
 
 
 def test_cuda_graphs_without_cuda_exits_with_a_clear_message(tmp_path):
-    result = run_example(tmp_path, "--cuda-graphs", "--device", "cpu", "--data-dir", tmp_path / "data",
-                         "--no-download")  # fmt: skip
+    result = run_example(tmp_path, "--cuda-graphs", "--device", "cpu", "--data-dir", tmp_path / "data", "--no-download")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--cuda-graphs: CUDA graphs capture GPU work" in result.stderr
 

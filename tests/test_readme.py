@@ -34,8 +34,9 @@ def test_quickstart_runs_without_cuda(tmp_path):
     checks = "\nassert device == 'cpu' and bnfast.uses_triton(x) and y.shape == x.shape\nprint('quickstart ok')\n"
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": python_path, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-c", code + checks], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code + checks], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "quickstart ok" in result.stdout
 

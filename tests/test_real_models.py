@@ -10,8 +10,8 @@ truth, and bnfast may be at most `K` times as far from it as torch's own float32
 A deep network amplifies every rounding; two correct float32 algorithms (bnfast reduces in another order) land
 within a small multiple of each other's error, while a wrong formula is off by O(1).
 
-timm and torchvision are test extras (setup.py extras_require["test"]); each model skips cleanly without its
-library.
+timm and torchvision are test extras (pyproject.toml, optional-dependencies "test"); each model skips cleanly
+without its library.
 """
 
 import contextlib
@@ -46,10 +46,15 @@ def bottleneck_resnet():
     resnet = pytest.importorskip("torchvision").models.resnet
     downsample = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-        resnet.Bottleneck(16, 4), resnet.Bottleneck(16, 8, stride=2, downsample=downsample),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        resnet.Bottleneck(16, 4),
+        resnet.Bottleneck(16, 8, stride=2, downsample=downsample),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 def timm_model(name):
@@ -81,8 +86,13 @@ def randomized(model):
 def assert_near(ours, theirs, ref64, name):
     torch_err = (theirs.double() - ref64).abs().max().item()
     atol = K * torch_err + FLOOR * ref64.abs().max().item()
-    torch.testing.assert_close(ours.double(), ref64, rtol=0, atol=atol,
-                               msg=lambda m: f"{name} (torch float32's own error {torch_err:.3g}): {m}")  # fmt: skip
+    torch.testing.assert_close(
+        ours.double(),
+        ref64,
+        rtol=0,
+        atol=atol,
+        msg=lambda m: f"{name} (torch float32's own error {torch_err:.3g}): {m}",
+    )
 
 
 @contextlib.contextmanager
@@ -107,8 +117,9 @@ def kernel_launches_per_module(model):
         if isinstance(m, (FusedBatchNormBase, FusedFrozenBatchNorm2d)):
             assert bnfast.uses_triton(m.running_mean)
             handles.append(m.register_forward_pre_hook(lambda m, a, path=path: counts.__setitem__(path, -len(log))))
-            handles.append(m.register_forward_hook(lambda m, a, y, path=path: counts.__setitem__(
-                path, counts[path] + len(log))))  # fmt: skip
+            handles.append(
+                m.register_forward_hook(lambda m, a, y, path=path: counts.__setitem__(path, counts[path] + len(log)))
+            )
     try:
         for n in names:
             setattr(kernels, n, Counting(saved[n]))
@@ -154,8 +165,11 @@ def test_traced_and_kernels_run_in_every_batch_norm(case):
     report = converted.bnfast_report
     converted = copy.deepcopy(converted)  # training forwards update the running stats
     assert report.traced and isinstance(converted, torch.fx.GraphModule), report
-    left = [type(m).__name__ for m in converted.modules() if isinstance(m, BN_TYPES) and m not in
-            bnfast_bns(converted).values()]  # fmt: skip
+    left = [
+        type(m).__name__
+        for m in converted.modules()
+        if isinstance(m, BN_TYPES) and m not in bnfast_bns(converted).values()
+    ]
     assert left == [], left  # every BatchNorm of the model, MobileNetV3's Hardswish ones included
     for training in (True, False):
         converted.train(training)
@@ -243,8 +257,10 @@ def test_sync_batch_norm_converters_keep_the_function(case, converter, fused):
     """Eval (SyncBatchNorm is the plain module without a process group): the logits stay. A BatchNorm subclass a
     converter does not know (timm's BatchNormAct2d under torch's converter) is left as it is, with a warning."""
     name, original, ref64, converted, x, _ = case
-    convert = {"bnfast": bnfast.FusedSyncBatchNorm.convert_sync_batchnorm,
-               "torch": nn.SyncBatchNorm.convert_sync_batchnorm}[converter]  # fmt: skip
+    convert = {
+        "bnfast": bnfast.FusedSyncBatchNorm.convert_sync_batchnorm,
+        "torch": nn.SyncBatchNorm.convert_sync_batchnorm,
+    }[converter]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "bnfast: .*convert_sync_batchnorm leaves")
         synced = convert(copy.deepcopy(converted if fused else original)).eval()
@@ -262,8 +278,11 @@ def test_fold(case):
             folded = bnfast.fold(model.eval())
             left = {p for p, m in folded.named_modules() if isinstance(m, BN_TYPES)}
             if name in ("resnet18", "bottleneck"):  # every Conv -> BN pair folds, except a BN that adds the residual
-                with_residual = {n.target for n in getattr(model, "graph", torch.fx.Graph()).nodes if len(n.args) == 2
-                                 and n.op == "call_module"}  # fmt: skip
+                with_residual = {
+                    n.target
+                    for n in getattr(model, "graph", torch.fx.Graph()).nodes
+                    if len(n.args) == 2 and n.op == "call_module"
+                }
                 assert left == with_residual
             assert_near(folded(x), expected, exact, f"fold({type(model).__name__})")
 

@@ -18,15 +18,23 @@ def make_model(dtype=F64):
     """torch's and bnfast's BatchNorms, (N, C) and (N, C, L) inputs, a fused activation, a momentum=None layer."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(5, 6), nn.BatchNorm1d(6, momentum=None), nn.ReLU(), nn.Linear(6, 8), nn.Unflatten(1, (2, 4)),
-        bnfast.FusedBatchNorm1d(2, activation="silu"), nn.Flatten(), nn.Linear(8, 3),
-    ).to(dtype)  # fmt: skip
+        nn.Linear(5, 6),
+        nn.BatchNorm1d(6, momentum=None),
+        nn.ReLU(),
+        nn.Linear(6, 8),
+        nn.Unflatten(1, (2, 4)),
+        bnfast.FusedBatchNorm1d(2, activation="silu"),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).to(dtype)
 
 
 def make_batches(n=5, batch=6, dtype=F64, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [((torch.randn(batch, 5, generator=gen) * 3 + 20).to(dtype), torch.randint(0, 3, (batch,), generator=gen))
-            for _ in range(n)]  # fmt: skip
+    return [
+        ((torch.randn(batch, 5, generator=gen) * 3 + 20).to(dtype), torch.randint(0, 3, (batch,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def population_stats(model, inputs):

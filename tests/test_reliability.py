@@ -220,9 +220,15 @@ def test_broadcast_residual_like_torch(r_shape, activation, training, kernel_pat
     _compare(theirs, mine, ref, torch.float32)
 
 
-RESIDUAL_DTYPES = [(torch.float64, (4, 3, 5)), (torch.float64, (3, 1)), (torch.float16, (4, 3, 5)),
-                   (torch.bfloat16, (5,)), (torch.int64, (4, 3, 5)), (torch.bool, (3, 1)),
-                   (torch.float64, ())]  # fmt: skip
+RESIDUAL_DTYPES = [
+    (torch.float64, (4, 3, 5)),
+    (torch.float64, (3, 1)),
+    (torch.float16, (4, 3, 5)),
+    (torch.bfloat16, (5,)),
+    (torch.int64, (4, 3, 5)),
+    (torch.bool, (3, 1)),
+    (torch.float64, ()),
+]
 
 
 @pytest.mark.parametrize("r_dtype, r_shape", RESIDUAL_DTYPES, ids=lambda v: str(v))

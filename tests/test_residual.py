@@ -49,8 +49,12 @@ def steps(torch_bn, ours, x, r, dy, activation):
     return out
 
 
-LAYOUT_PAIRS = [("contiguous", "contiguous"), ("channels_last", "channels_last"), ("channels_last", "contiguous"),
-                ("contiguous", "strided")]  # fmt: skip
+LAYOUT_PAIRS = [
+    ("contiguous", "contiguous"),
+    ("channels_last", "channels_last"),
+    ("channels_last", "contiguous"),
+    ("contiguous", "strided"),
+]
 
 
 @pytest.mark.parametrize("activation", ["relu", None, "silu"], ids=str)
@@ -97,8 +101,9 @@ def test_gradcheck_and_gradgradcheck(activation, training):
     stats = torch.randn(2, **f64), torch.rand(2, **f64) + 0.5
 
     def fn(x, r, weight, bias):
-        return bnfast.batch_norm(x, stats[0].clone(), stats[1].clone(), weight, bias, training, activation=activation,
-                                 residual=r)  # fmt: skip
+        return bnfast.batch_norm(
+            x, stats[0].clone(), stats[1].clone(), weight, bias, training, activation=activation, residual=r
+        )
 
     assert torch.autograd.gradcheck(fn, (x, r, weight, bias))
     assert torch.autograd.gradgradcheck(fn, (x, r, weight, bias), fast_mode=True)

@@ -273,3 +273,40 @@ def test_torch_fallback_matches_kernels(monkeypatch):
     torch.testing.assert_close(y, y_t, **TOL[torch.float64])
     torch.testing.assert_close(k_rm, t_rm, **TOL[torch.float64])
     torch.testing.assert_close(k_rv, t_rv, **TOL[torch.float64])
+
+
+def test_opcheck_masked_ops(kernel_path):
+    """The mask and pad value are op inputs: opcheck (schema, fake, autograd registration) on both ops."""
+    from bnfast import ops
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    w, b = torch.rand(3, generator=g).add(0.5).requires_grad_(), torch.randn(3, generator=g).requires_grad_()
+    rm, rv = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
+    mask = _lengths_mask(4, 5, g)
+    for training, pad in ((True, None), (True, 0.0), (False, 2.0)):
+        args = (x, w, b, rm, rv, None, training, 0.1, False, EPS, "relu", 0.0, None, mask, pad)
+        torch.library.opcheck(ops.batch_norm_op, args)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    _, mean, rstd, _, _ = ops.batch_norm_op(x, w, b, None, None, None, True, 0.1, False, EPS, "", 0.0, None, mask)
+    dy = torch.randn(x.shape, generator=g)
+    for pad in (None, 1.0):
+        args = (dy, x, w, b, mean, rstd, None, True, EPS, "", 0.0, [True, True, True, False], mask, pad)
+        torch.library.opcheck(ops.batch_norm_backward_op, args)
+
+
+def test_compile_fullgraph_with_mask():
+    """torch.compile(fullgraph=True) through the op: no graph break, the eager result and gradients."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
+    mask = _lengths_mask(4, 6, g)
+    eager, compiled = (bnfast.FusedBatchNorm1d(3, activation="relu", dtype=torch.float64) for _ in range(2))
+    fn = torch.compile(lambda m, x, mask: m(x, mask=mask, pad_value=0.0), fullgraph=True, backend="aot_eager")
+    outs = []
+    for module, call in ((eager, lambda m, x, mask: m(x, mask=mask, pad_value=0.0)), (compiled, fn)):
+        xr = x.clone().requires_grad_()
+        y = call(module, xr, mask)
+        y.sum().backward()
+        outs.append((y.detach(), xr.grad, module.weight.grad, module.running_mean.clone(), module.running_var.clone()))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])

@@ -11,6 +11,18 @@ Math (statistics and reductions in ACC: float32 for float32/16-bit inputs, float
                       sum_g = sum(g)   sum_gx = sum(g*xhat)   dbias = sum_g   dweight = sum_gx
                       dx = w*rstd * (g - (sum_g + xhat*sum_gx)/M)   dr = g (no activation: dr = dy, no kernel)
     Backward (eval):  mean, rstd are constants: dx = w*rstd*g; dweight, dbias as above.
+Masked (HAS_MASK: a bool mask over (n, s), True = valid, v = its indicator, read through its own strides with
+c stride 0: 1 byte per (n, s) per tile; PAD: pad_value p written where v = 0):
+    Forward (train):  M = sum(v) (per tile: the stats partials' count; single pass: the column's), mean and var
+                      over the valid lanes only, running var with M/(M-1); every lane normalised with them:
+                      y = act(z) where v, and y = act(z) (no PAD) or p (PAD) where not
+    Backward (train): g = dy*act'(z), and g = 0 where not v under PAD (y was the constant); sum_g, sum_gx over all
+                      lanes (g*xhat with xhat = 0 where g was zeroed); a padded x is outside the statistics, so
+                      dx = w*rstd * (g - v*(sum_g + xhat*sum_gx)/M): the direct term only where not v
+                      (0 under PAD). Split plan: `_bn_grad_partial` adds a third plane, the valid count per split,
+                      `_bn_grad_finalize` sums it (HAS_COUNT), `_bn_grad_input` takes 1/M from it (no host sync).
+    Eval:             the mask changes nothing but PAD (the statistics are the running ones).
+    HAS_MASK=False (and PAD=False) compiles to exactly the unmasked code: every masked branch is a constexpr if.
 
 Accuracy. Variance is never E[x^2]-E[x]^2. A tile's (count, mean, M2 = sum of squared deviations) is exact
 up to rounding, tiles merge with Chan's formula, and splits with the parallel formula
@@ -26,7 +38,8 @@ weighs means by count/total, never count*mean (see `_channel_mean`, `_merge_stat
 
 Partials (the unit SyncBatchNorm puts a collective between; format documented once, here):
     stats partials  `part` (3, K, C) in ACC: per split k: count, mean of (x - shift), M2; and `shift` (C,)
-    grad partials   `part` (2, K, C) in ACC: per split k: sum g, sum g*xhat
+                    (masked: count = the split's valid lanes, the shift the first tile's valid mean)
+    grad partials   `part` (2, K, C) in ACC: per split k: sum g, sum g*xhat; masked: (3, K, C), + valid count
 Empty splits hold count 0 (stats) or 0 sums (grad) and add nothing; the finalize kernels merge the K rows
 in a fixed order: no atomics, results are bit-identical run to run.
 SyncBatchNorm (bnfast/distributed.py): `_bn_stats_merge` packs one rank's K rows into (4, C) = count, mean of

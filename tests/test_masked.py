@@ -325,3 +325,25 @@ def test_readme_example_runs():
     assert scope["y"].shape == (4, 8, 10) and int(scope["mask"].sum()) == 29
     y = scope["bn"](scope["x"], mask=scope["mask"], pad_value=0.0)
     assert bool((y.movedim(1, -1)[~scope["mask"]] == 0).all())
+
+
+def test_nan_padding_with_pad_value(kernel_path):
+    """Garbage (NaN, inf) at padded positions changes nothing when pad_value is given: the statistics, the valid
+    outputs and every gradient are those of the same input with finite padding."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
+    mask = _lengths_mask(4, 6, g)
+    mask[:, -1] = False
+    dirty = x.clone()
+    dirty[:, 0, -1] = float("nan")
+    dirty[:, 1, -1] = float("inf")
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    results = []
+    for data in (x, dirty):
+        mod = bnfast.FusedBatchNorm1d(3, activation="silu", dtype=torch.float64)
+        xr = data.clone().requires_grad_()
+        y = mod(xr, mask=mask, pad_value=0.0)
+        grads = torch.autograd.grad(y, (xr, mod.weight, mod.bias), dy)
+        results.append((y, *grads, mod.running_mean, mod.running_var))
+    for clean, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, clean, rtol=0, atol=0)

@@ -133,6 +133,29 @@ def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tens
     return residual, False
 
 
+def _check_mask(x: torch.Tensor, mask: torch.Tensor, training: bool, pad_value) -> None:
+    """A mask of x's shape without the channel dim, bool, on x's device (ValueError otherwise); in training, at
+    least 2 valid positions (torch's message for fewer). Reads the mask's count on the host in training (one
+    device sync), except under tracing, where the count is not known."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"bnfast.batch_norm: mask must be a bool tensor, got {type(mask).__name__}")
+    expected = (x.shape[0], *x.shape[2:])
+    if mask.dtype != torch.bool or tuple(mask.shape) != expected or mask.device != x.device:
+        raise ValueError(
+            f"bnfast.batch_norm: mask must be a bool tensor of the input's shape without the channel dim "
+            f"{expected} on {x.device}, got {mask.dtype} of shape {tuple(mask.shape)} on {mask.device}"
+        )
+    if pad_value is not None and not isinstance(pad_value, (int, float)):
+        raise ValueError(f"bnfast.batch_norm: pad_value must be a number or None, got {type(pad_value).__name__}")
+    if training and not _is_traced(x) and not isinstance(x, torch.fx.Proxy):
+        valid = int(mask.sum())
+        if valid < 2:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {valid} valid position(s) of input size "
+                f"{x.shape}"
+            )
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -146,6 +169,8 @@ def batch_norm(
     activation=None,
     num_batches_tracked: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    pad_value: float | None = None,
 ) -> torch.Tensor:
     """`act(F.batch_norm(input, ...) + residual)` in fused passes, for (N, C), (N, C, L), (N, C, H, W) and
     (N, C, D, H, W) inputs in any memory format.
@@ -157,6 +182,14 @@ def batch_norm(
     what `act(F.batch_norm(...) + residual)` accepts: see `_check_residual`), added before the activation and
     given the gradient dy * act'(z), summed over the dims it was broadcast along.
     In training with running stats, running_mean/running_var are updated in place.
+
+    Masked BatchNorm: `mask`, a bool tensor of the input's shape without the channel dim ((N,), (N, L), (N, H, W),
+    (N, D, H, W); any strides, a broadcast view works), True at valid positions. In training the batch mean and
+    biased variance are taken over the valid positions only (M = their count; the running variance gets the
+    unbiased factor M/(M-1)), and every position is normalised with them; gradients are exact (a padded x does
+    not enter the statistics). `pad_value` (default None) writes that value at padded positions instead, with no
+    gradient through them. In eval the mask only places `pad_value`. Fewer than 2 valid positions in training
+    raise ValueError, as torch does for one value per channel.
     """
     return batch_norm_impl(
         input,
@@ -171,6 +204,8 @@ def batch_norm(
         num_batches_tracked,
         False,
         residual=residual,
+        mask=mask,
+        pad_value=pad_value,
     )
 
 
@@ -188,6 +223,8 @@ def batch_norm_impl(
     count_batch: bool,
     input_dims: tuple[int, ...] | None = None,
     residual: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    pad_value: float | None = None,
 ):
     """`batch_norm` with a resolved activation; `count_batch` increments num_batches_tracked (the modules'
     `+= 1`) after the checks, so that a rejected call changes nothing; `input_dims` are the dims a module
@@ -198,6 +235,11 @@ def batch_norm_impl(
     tensors = (weight, bias, running_mean, running_var)
     if not _common_case(x, tensors, training, eps):
         _torch_verdict(x, running_mean, running_var, weight, bias, training, eps)
+    if mask is not None:
+        _check_mask(x, mask, training, pad_value)
+        pad_value = None if pad_value is None else float(pad_value)
+    elif pad_value is not None:
+        raise ValueError("bnfast.batch_norm: pad_value needs a mask (it is written where the mask is False)")
     residual_by_torch = residual is not None and not isinstance(residual, torch.Tensor)  # a number: torch's sum
     if residual_by_torch:
         torch.broadcast_shapes(x.shape, torch.as_tensor(residual).shape)  # torch's error for a non-number
@@ -216,6 +258,23 @@ def batch_norm_impl(
     factor = 0.0 if momentum is None or not training else float(momentum)
     traced = _is_traced(x)
     if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()) or residual_by_torch:
+        if mask is not None:
+            return _torch_masked_batch_norm(
+                x,
+                mask,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                training,
+                factor,
+                cumulative,
+                num_batches_tracked,
+                eps,
+                act,
+                residual,
+                pad_value,
+            )
         return _torch_batch_norm(
             x,
             running_mean,
@@ -229,6 +288,23 @@ def batch_norm_impl(
             eps,
             act,
             residual,
+        )
+    if mask is None:
+        return ops.batch_norm(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked if cumulative else None,
+            training,
+            factor,
+            cumulative,
+            eps,
+            act.name,
+            act.param,
+            residual,
+            traced=traced,
         )
     return ops.batch_norm(
         x,
@@ -244,8 +320,54 @@ def batch_norm_impl(
         act.name,
         act.param,
         residual,
+        mask,
+        pad_value,
         traced=traced,
     )
+
+
+def _torch_masked_batch_norm(
+    x,
+    mask,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    factor,
+    cumulative,
+    nbt,
+    eps,
+    act: Activation,
+    residual,
+    pad_value,
+):
+    """The fallback of masked BatchNorm in torch ops (same semantics as the kernels: see `batch_norm`), in the
+    accumulation dtype (float64 for float64, float32 otherwise)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dims = [0, *range(2, x.dim())]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    valid = mask.unsqueeze(1)
+    xa = x.to(acc)
+    use_batch = training or running_mean is None
+    if use_batch:
+        count = valid.expand_as(xa).sum(dims).to(acc)
+        mean = torch.where(valid, xa, 0.0).sum(dims) / count
+        var = torch.where(valid, xa - mean.view(shape), 0.0).square().sum(dims) / count
+        if training and running_mean is not None:
+            f = nbt.reciprocal().to(acc) if cumulative else torch.tensor(factor, dtype=acc, device=x.device)
+            with torch.no_grad():
+                running_mean.copy_((1 - f) * running_mean.to(acc) + f * mean.detach())
+                running_var.copy_((1 - f) * running_var.to(acc) + f * var.detach() * count / (count - 1))
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    z = (xa - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        z = z * weight.to(acc).view(shape)
+    if bias is not None:
+        z = z + bias.to(acc).view(shape)
+    y = act.apply(z.to(x.dtype) if residual is None else z.to(x.dtype) + residual)
+    return y if pad_value is None else torch.where(valid, y, torch.tensor(pad_value, dtype=y.dtype, device=y.device))
 
 
 def _torch_batch_norm(

@@ -78,18 +78,28 @@ class FusedBatchNormBase:
             "launches); use torch.compile or torch.export, or bnfast.fold for inference"
         )
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        pad_value: float | None = None,
+    ) -> torch.Tensor:
         """act(BN(input) + residual): `residual` (optional, any strides) is added before the activation, in the
         same passes, and receives the gradient dy * act'(z) (a ResNet block's tail). Whatever residual torch's
         expression accepts gets its answer (a broadcast one is a stride-0 view for the kernels; one that promotes
         the dtype or enlarges the shape is computed with torch's ops), one it rejects its error, before any state
-        changes (`bnfast.functional`): a tracing fusion (bnfast.fuse) cannot see shapes, so any residual must do."""
-        leaf = _fx_leaf(self, input, residual)
+        changes (`bnfast.functional`): a tracing fusion (bnfast.fuse) cannot see shapes, so any residual must do.
+        `mask` (bool, the input's shape without the channel dim, True = valid) and `pad_value`: masked BatchNorm,
+        statistics over the valid positions only (see `bnfast.batch_norm`)."""
+        leaf = _fx_leaf(self, input, residual, mask, pad_value)
         if leaf is not None:
             return leaf
-        return self._batch_norm(input, residual, self.activation)
+        return self._batch_norm(input, residual, self.activation, mask, pad_value)
 
-    def _batch_norm(self, input: torch.Tensor, residual, activation: Activation) -> torch.Tensor:
+    def _batch_norm(
+        self, input: torch.Tensor, residual, activation: Activation, mask=None, pad_value=None
+    ) -> torch.Tensor:
         # the input-dim check (torch's message) runs inside batch_norm_impl: `input.dim()` would be an fx Proxy
         # here, and symbolic_trace cannot branch on one
         training, running_mean, running_var = self.training, self.running_mean, self.running_var
@@ -111,10 +121,12 @@ class FusedBatchNormBase:
             count_batch,
             self._INPUT_DIMS,
             residual,
+            mask,
+            pad_value,
         )
 
 
-def _fx_leaf(module: nn.Module, input, residual=None):
+def _fx_leaf(module: nn.Module, input, residual=None, mask=None, pad_value=None):
     """Under torch.fx tracing of a model that holds `module` (its input is a Proxy): one call_module node, as
     torch's BatchNorm gets from every tracer, so the traced model reads `training` when it runs (it follows
     train()/eval()) instead of freezing the mode it was traced in. None otherwise, and when `module` is the
@@ -125,7 +137,8 @@ def _fx_leaf(module: nn.Module, input, residual=None):
     if module is getattr(tracer, "root", None):
         return None
     args = (input,) if residual is None else (input, residual)
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    kwargs = {k: v for k, v in (("mask", mask), ("pad_value", pad_value)) if v is not None}
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 def _residual_needs_torch(input, residual) -> bool:
@@ -219,10 +232,21 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
             if affine and not bias:
                 self.register_parameter("bias", None)
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        pad_value: float | None = None,
+    ) -> torch.Tensor:
         """act(SyncBN(input) + residual); `residual` (optional: what `bnfast.fuse` passes to a FusedBatchNorm2d
         converted by `convert_sync_batchnorm` afterwards) is added by torch, before the activation: the synced
-        stages take none."""
+        stages take none. `mask` / `pad_value` (masked BatchNorm) are not supported here yet."""
+        if mask is not None or pad_value is not None:
+            raise NotImplementedError(
+                "bnfast: FusedSyncBatchNorm does not support mask=/pad_value= yet (masked statistics across ranks); "
+                "use FusedBatchNorm1d/2d/3d for masked BatchNorm"
+            )
         leaf = _fx_leaf(self, input, residual)
         if leaf is not None:
             return leaf

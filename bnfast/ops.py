@@ -1,10 +1,14 @@
 """Autograd for the Triton path: one forward, one setup, one backward, shared by the eager and the traced entry.
 
     bnfast::batch_norm           (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                  momentum, cumulative, eps, activation, act_param, residual)
+                                  momentum, cumulative, eps, activation, act_param, residual, mask, pad_value)
                                   -> (y, save_mean, save_rstd, new_running_mean, new_running_var)
     bnfast::batch_norm_backward  (dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param,
-                                  output_mask) -> (dx, dweight, dbias, dresidual)
+                                  output_mask, mask, pad_value) -> (dx, dweight, dbias, dresidual)
+
+Masked BatchNorm: `mask` (x's shape without the channel dim, bool; checked by bnfast.functional) restricts the
+training statistics to its True positions, and `pad_value` (None: normalise them too) is written at the others;
+the mask is saved for the backward when it matters there (training, or a pad value).
 
 y = act(BN(x) + residual) when a residual is given. Saved for the backward: x, weight, bias, two (C,) stat
 vectors, and the residual only when an activation is fused (act'(z) needs z = BN(x) + residual; without an
@@ -70,6 +74,8 @@ class BatchNormInputs(NamedTuple):
     activation: str
     act_param: float
     residual: Tensor | None = None
+    mask: Tensor | None = None
+    pad_value: float | None = None
 
 
 _RESIDUAL = BatchNormInputs._fields.index("residual")  # the one input after the non-differentiable ones
@@ -106,6 +112,8 @@ def batch_norm_op(
     activation: str,
     act_param: float,
     residual: Tensor | None = None,
+    mask: Tensor | None = None,
+    pad_value: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, save_mean, save_rstd, new_running_mean, new_running_var); see the module docstring."""
     new_mean, new_var = _new_running(x, running_mean, running_var, training)
@@ -125,6 +133,8 @@ def batch_norm_op(
         act_param=act_param,
         running_out=running_out,
         residual=residual,
+        mask=mask,
+        pad_value=pad_value,
     )
     return y, mean, rstd, new_mean, new_var
 
@@ -149,6 +159,8 @@ def batch_norm_backward_op(
     activation: str,
     act_param: float,
     output_mask: list[bool],
+    mask: Tensor | None = None,
+    pad_value: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual); (mean, stat) = (save_mean, save_rstd) in training, the running stats in
     eval; output_mask has 4 entries (dresidual only with an activation: otherwise it is dy, see `_backward`)."""
@@ -168,12 +180,29 @@ def batch_norm_backward_op(
         needs_db=output_mask[2],
         residual=residual,
         needs_dr=output_mask[3],
+        mask=mask,
+        pad_value=pad_value,
     )
     return tuple(g if g is not None else _none(x) for g in grads)
 
 
 @batch_norm_backward_op.register_fake
-def _(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param, output_mask):
+def _(
+    dy,
+    x,
+    weight,
+    bias,
+    mean,
+    stat,
+    residual,
+    training,
+    eps,
+    activation,
+    act_param,
+    output_mask,
+    mask=None,
+    pad_value=None,
+):
     grads = launch.backward_outputs(x, weight, bias, output_mask, residual)
     return tuple(g if g is not None else _none(x) for g in grads)
 
@@ -191,17 +220,19 @@ def _save(ctx, i: BatchNormInputs, mean, rstd, residual_index: int):
     position among the entry's inputs (the op's 12, the eager Function's 3)."""
     ctx.residual_index = residual_index
     kept_residual = i.residual if i.activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
+    kept_mask = i.mask if i.training or i.pad_value is not None else None  # eval without a pad: it changes nothing
     if i.training:
-        ctx.save_for_backward(i.x, i.weight, i.bias, mean, rstd, kept_residual)
+        ctx.save_for_backward(i.x, i.weight, i.bias, mean, rstd, kept_residual, kept_mask)
     else:  # eval: the running stats are constants of the backward
-        ctx.save_for_backward(i.x, i.weight, i.bias, i.running_mean, i.running_var, kept_residual)
+        ctx.save_for_backward(i.x, i.weight, i.bias, i.running_mean, i.running_var, kept_residual, kept_mask)
     ctx.training, ctx.eps, ctx.activation, ctx.act_param = i.training, i.eps, i.activation, i.act_param
+    ctx.pad_value = i.pad_value
 
 
 def _backward(ctx, dy, *_stat_grads):
     """Only y is differentiable; running stats, num_batches_tracked and the scalars get no gradient; the residual
     gets g = dy * act'(z) (dy itself without an activation)."""
-    x, weight, bias, mean, stat, residual = ctx.saved_tensors
+    x, weight, bias, mean, stat, residual, mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
     r = ctx.residual_index
     wants_dr = len(needs) > r and needs[r]
@@ -220,6 +251,8 @@ def _backward(ctx, dy, *_stat_grads):
             ctx.activation,
             ctx.act_param,
             (*needs[:3], needs_dr),
+            mask,
+            ctx.pad_value,
         )
     elif type(dy) is torch.Tensor and type(x) is torch.Tensor:
         dx, dw, db, dr = launch.bn_bwd(
@@ -238,15 +271,30 @@ def _backward(ctx, dy, *_stat_grads):
             needs_db=needs[2],
             residual=residual,
             needs_dr=needs_dr,
+            mask=mask,
+            pad_value=ctx.pad_value,
         )
     else:  # traced (fake/functional tensors): through the op, which torch can trace
-        mask = [*needs[:3], needs_dr]
+        wanted = [*needs[:3], needs_dr]
         grads = batch_norm_backward_op(
-            dy, x, weight, bias, mean, stat, residual, ctx.training, ctx.eps, ctx.activation, ctx.act_param, mask
+            dy,
+            x,
+            weight,
+            bias,
+            mean,
+            stat,
+            residual,
+            ctx.training,
+            ctx.eps,
+            ctx.activation,
+            ctx.act_param,
+            wanted,
+            mask,
+            ctx.pad_value,
         )
-        dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, mask, strict=True))
+        dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, wanted, strict=True))
     if wants_dr and not ctx.activation:
-        dr = dy
+        dr = dy if mask is None or ctx.pad_value is None else dy * mask.unsqueeze(1)  # padded outputs: constant
     grads = [None] * len(needs)  # none for the buffers, the scalars, the eager entry's inputs tuple
     grads[:3] = dx, dw, db
     if len(needs) > r:
@@ -279,25 +327,39 @@ def torch_grad(dy, z, act: Activation):
     return dy.to(z.dtype) * act.derivative(z)
 
 
-def _backward_torch(dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param, needs):
+def _backward_torch(
+    dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param, needs, mask=None, pad_value=None
+):
     """The backward's math in differentiable torch ops (the slow path; see the module docstring). In training,
-    mean and rstd are recomputed from x so that a second derivative sees their dependence on x."""
+    mean and rstd are recomputed from x so that a second derivative sees their dependence on x (over the mask's
+    valid positions when there is one)."""
     acc = launch.acc_dtype(x.dtype)
     dims = [0, *range(2, x.dim())]
     shape = (1, -1) + (1,) * (x.dim() - 2)
     xa, dya = x.to(acc), dy.to(acc)
-    if training:
+    valid = mask.unsqueeze(1) if mask is not None else None
+    if training and valid is not None:
+        count = valid.expand_as(xa).sum(dims).to(acc)
+        xv = torch.where(valid, xa, 0.0)
+        mean = xv.sum(dims) / count
+        rstd = torch.rsqrt(torch.where(valid, xa - mean.view(shape), 0.0).square().sum(dims) / count + eps)
+    elif training:
         mean = xa.mean(dims)
         rstd = torch.rsqrt(xa.var(dims, correction=0) + eps)
     else:
         mean, rstd = mean.to(acc), torch.rsqrt(stat.to(acc) + eps)
     xhat, z, w, _ = torch_pre_activation(xa, weight, bias, mean, rstd, residual)
     g = torch_grad(dya, z, Activation(activation, act_param))
+    if valid is not None and pad_value is not None:  # padded outputs are the constant: no gradient
+        g = torch.where(valid, g, 0.0)
+        xhat = torch.where(valid, xhat, 0.0)
     sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
     dx = dw = db = dr = None
     if needs[0]:
         g_x = g
-        if training:
+        if training and valid is not None:  # a padded x is outside the statistics: only the direct term
+            g_x = g - torch.where(valid, (sum_g.view(shape) + xhat * sum_gx.view(shape)) / count.view(shape), 0.0)
+        elif training:
             count = x.numel() // x.shape[1]
             g_x = g - (sum_g.view(shape) + xhat * sum_gx.view(shape)) / count
         dx = ((w * rstd).view(shape) * g_x).to(x.dtype)
@@ -342,6 +404,8 @@ class BatchNormFunction(torch.autograd.Function):
             activation=i.activation,
             act_param=i.act_param,
             residual=i.residual,
+            mask=i.mask,
+            pad_value=i.pad_value,
         )
         _save(ctx, i, mean, rstd, _EAGER_RESIDUAL)
         return y

@@ -11,6 +11,18 @@ Math (statistics and reductions in ACC: float32 for float32/16-bit inputs, float
                       sum_g = sum(g)   sum_gx = sum(g*xhat)   dbias = sum_g   dweight = sum_gx
                       dx = w*rstd * (g - (sum_g + xhat*sum_gx)/M)   dr = g (no activation: dr = dy, no kernel)
     Backward (eval):  mean, rstd are constants: dx = w*rstd*g; dweight, dbias as above.
+Masked (HAS_MASK: a bool mask over (n, s), True = valid, v = its indicator, read through its own strides with
+c stride 0: 1 byte per (n, s) per tile; PAD: pad_value p written where v = 0):
+    Forward (train):  M = sum(v) (per tile: the stats partials' count; single pass: the column's), mean and var
+                      over the valid lanes only, running var with M/(M-1); every lane normalised with them:
+                      y = act(z) where v, and y = act(z) (no PAD) or p (PAD) where not
+    Backward (train): g = dy*act'(z), and g = 0 where not v under PAD (y was the constant); sum_g, sum_gx over all
+                      lanes (g*xhat with xhat = 0 where g was zeroed); a padded x is outside the statistics, so
+                      dx = w*rstd * (g - v*(sum_g + xhat*sum_gx)/M): the direct term only where not v
+                      (0 under PAD). Split plan: `_bn_grad_partial` adds a third plane, the valid count per split,
+                      `_bn_grad_finalize` sums it (HAS_COUNT), `_bn_grad_input` takes 1/M from it (no host sync).
+    Eval:             the mask changes nothing but PAD (the statistics are the running ones).
+    HAS_MASK=False (and PAD=False) compiles to exactly the unmasked code: every masked branch is a constexpr if.
 
 Accuracy. Variance is never E[x^2]-E[x]^2. A tile's (count, mean, M2 = sum of squared deviations) is exact
 up to rounding, tiles merge with Chan's formula, and splits with the parallel formula
@@ -26,7 +38,8 @@ weighs means by count/total, never count*mean (see `_channel_mean`, `_merge_stat
 
 Partials (the unit SyncBatchNorm puts a collective between; format documented once, here):
     stats partials  `part` (3, K, C) in ACC: per split k: count, mean of (x - shift), M2; and `shift` (C,)
-    grad partials   `part` (2, K, C) in ACC: per split k: sum g, sum g*xhat
+                    (masked: count = the split's valid lanes, the shift the first tile's valid mean)
+    grad partials   `part` (2, K, C) in ACC: per split k: sum g, sum g*xhat; masked: (3, K, C), + valid count
 Empty splits hold count 0 (stats) or 0 sums (grad) and add nothing; the finalize kernels merge the K rows
 in a fixed order: no atomics, results are bit-identical run to run.
 SyncBatchNorm (bnfast/distributed.py): `_bn_stats_merge` packs one rank's K rows into (4, C) = count, mean of
@@ -78,6 +91,14 @@ def _tile_offsets(n0, s0, c_offs, N, C, S, stride_n, stride_c, stride_s, BLOCK_N
     offs = n[:, None, None] * stride_n + c[None, :, None] * stride_c + s[None, None, :] * stride_s
     mask = (n[:, None, None] < N) & (c_offs[None, :, None] < C) & (s[None, None, :] < S)
     return offs, mask
+
+
+@triton.jit
+def _load_valid(m_ptr, n0, s0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The mask's tile (True = a valid position), broadcast over the tile's channels: one byte per (n, s), read
+    through the mask's own strides (c stride 0); lanes outside the tile are False."""
+    offs, inside = _tile_offsets(n0, s0, c_offs, N, C, S, stride_mn, 0, stride_ms, BLOCK_N, BLOCK_S)
+    return inside & (tl.load(m_ptr + offs, mask=inside, other=0) != 0)
 
 
 @triton.jit
@@ -188,6 +209,17 @@ def _channel_mean(x, mask, count):
     mean0 = tl.where(tl.abs(total) < float("inf"), total / count, _channel_sum(x * p) / (count * p))
     refined = mean0 + _channel_sum(tl.where(mask, (x - _bcast(mean0)) * p, 0.0)) / (count * p)
     return tl.where(tl.abs(mean0) < float("inf"), refined, mean0)  # an inf stays inf (inf - inf would be NaN)
+
+
+@triton.jit
+def _masked_channel_mean(x, valid, count):
+    """`_channel_mean` of the valid lanes (x is 0 elsewhere) with a per-channel count [BLOCK_C] (>= 1): the
+    same sum, scaling and refinement, the count and scale broadcast over the tile."""
+    total = _channel_sum(x)
+    p = tl.exp2(-tl.ceil(tl.log2(count)))
+    mean0 = tl.where(tl.abs(total) < float("inf"), total / count, _channel_sum(x * _bcast(p)) / (count * p))
+    refined = mean0 + _channel_sum(tl.where(valid, (x - _bcast(mean0)) * _bcast(p), 0.0)) / (count * p)
+    return tl.where(tl.abs(mean0) < float("inf"), refined, mean0)
 
 
 @triton.jit
@@ -346,20 +378,27 @@ def _stats_rows(part_ptr, shift_ptr, shift, k0, num_rows, stride_row, stride_pla
 @triton.jit
 def _bn_fwd_single_kernel(
     y_ptr, mean_ptr, rstd_ptr,  # outputs; mean/rstd (C,) in ACC
-    x_ptr, w_ptr, b_ptr, r_ptr, rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, m_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
-    stride_w, stride_b, stride_rm, stride_rv, stride_rmo, stride_rvo,
-    eps: tl.float64, momentum: tl.float64, act_param: tl.float64,
+    stride_w, stride_b, stride_rm, stride_rv, stride_rmo, stride_rvo, stride_mn, stride_ms,
+    eps: tl.float64, momentum: tl.float64, act_param: tl.float64, pad_value: tl.float64,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     CUMULATIVE: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, PAD: tl.constexpr,
 ):
-    """Single-pass training forward: the channel block's whole column is one tile, x is read once."""
+    """Single-pass training forward: the channel block's whole column is one tile, x is read once. HAS_MASK: the
+    statistics run over the mask's valid lanes (M = their count); PAD writes pad_value at padded positions."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     x, mask = _load_tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
-    M = _count(N, S, ACC)
-    mean = _channel_mean(x, mask, M)  # masked lanes hold 0 and are masked out of the correction
-    centered = tl.where(mask, x - _bcast(mean), 0.0)
+    if HAS_MASK:
+        valid = _load_valid(m_ptr, 0, 0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N, BLOCK_S)
+        M = tl.maximum(_channel_sum(valid.to(ACC)), 1.0)  # >= 2 on real channels (checked on the host)
+        mean = _masked_channel_mean(tl.where(valid, x, 0.0), valid, M)
+        centered = tl.where(valid, x - _bcast(mean), 0.0)
+    else:
+        M = _count(N, S, ACC)
+        mean = _channel_mean(x, mask, M)  # masked lanes hold 0 and are masked out of the correction
+        centered = tl.where(mask, x - _bcast(mean), 0.0)
     var = _div_rn(_channel_sum(centered * centered), M)
     rstd = _rsqrt_eps(var, eps, ACC)
     c_mask = c_offs < C
@@ -369,26 +408,35 @@ def _bn_fwd_single_kernel(
         _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
                               stride_rmo, stride_rvo, mean, var, M, momentum, CUMULATIVE, ACC)
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
+    if HAS_MASK:  # every position is normalised, padded ones too
+        centered = tl.where(mask, x - _bcast(mean), 0.0)
     z = _add_residual(centered * _bcast(rstd * w) + _bcast(b), r_ptr, 0, 0, c_offs, N, C, S, stride_rn, stride_rc,
                       stride_rs, HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)
     y = _act(z, ACTIVATION, act_param)
+    if PAD:
+        y = tl.where(valid, y, pad_value)
     _store_tile(y_ptr, y, 0, 0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 
 
 @triton.jit
 def _bn_stats_partial_kernel(
     part_ptr, shift_ptr,  # outputs: (3, K, C) count / mean of (x - shift) / M2, and shift (C,); ACC
-    x_ptr, N, C, S, stride_xn, stride_xc, stride_xs,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr, m_ptr, N, C, S, stride_xn, stride_xc, stride_xs, stride_mn, stride_ms,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
-    """Split stage 1: (count, mean, M2) of x - shift over this split's tiles, tiles merged with Chan's formula."""
+    """Split stage 1: (count, mean, M2) of x - shift over this split's tiles, tiles merged with Chan's formula.
+    HAS_MASK: over the mask's valid lanes only (the counts are theirs; a tile with none adds nothing)."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     # shift = the first tile's mean (every split computes the same): |mean - shift| ~ spread / sqrt(tile size)
     x0, mask0 = _load_tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
-    shift = _channel_mean(x0, mask0, (tl.minimum(N, BLOCK_N) * tl.minimum(S, BLOCK_S)).to(ACC))
+    if HAS_MASK:  # the first tile's valid lanes (none: shift 0)
+        mask0 = _load_valid(m_ptr, 0, 0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N, BLOCK_S)
+        shift = _masked_channel_mean(tl.where(mask0, x0, 0.0), mask0, tl.maximum(_channel_sum(mask0.to(ACC)), 1.0))
+    else:
+        shift = _channel_mean(x0, mask0, (tl.minimum(N, BLOCK_N) * tl.minimum(S, BLOCK_S)).to(ACC))
     shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)  # NaN/inf: no shift; the channel is NaN anyway
     cnt = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
@@ -396,9 +444,15 @@ def _bn_stats_partial_kernel(
     for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
         n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
         x, mask = _load_tile(x_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
-        x = tl.where(mask, x - _bcast(shift), 0.0)  # masked lanes: 0, outside every sum below
-        tile_cnt = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(S - s0, BLOCK_S)).to(ACC)
-        tile_mean = _channel_mean(x, mask, tile_cnt)
+        if HAS_MASK:
+            mask = _load_valid(m_ptr, n0, s0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N, BLOCK_S)
+            tile_cnt = _channel_sum(mask.to(ACC))  # 0 for a tile with no valid lane: it adds nothing
+            x = tl.where(mask, x - _bcast(shift), 0.0)  # masked lanes: 0, outside every sum below
+            tile_mean = _masked_channel_mean(x, mask, tl.maximum(tile_cnt, 1.0))
+        else:
+            tile_cnt = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(S - s0, BLOCK_S)).to(ACC)
+            x = tl.where(mask, x - _bcast(shift), 0.0)  # masked lanes: 0, outside every sum below
+            tile_mean = _channel_mean(x, mask, tile_cnt)
         d = tl.where(mask, x - _bcast(tile_mean), 0.0)
         cnt, mean, m2 = _chan_merge(cnt, mean, m2, tile_cnt, tile_mean, _channel_sum(d * d))
     row = split * C + c_offs
@@ -456,15 +510,16 @@ def _bn_stats_finalize_kernel(
 @triton.jit
 def _bn_normalize_kernel(
     y_ptr,  # output
-    x_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr, m_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
-    stride_w, stride_b, stride_mean, stride_stat,
-    eps: tl.float64, act_param: tl.float64,
+    stride_w, stride_b, stride_mean, stride_stat, stride_mn, stride_ms,
+    eps: tl.float64, act_param: tl.float64, pad_value: tl.float64,
     STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PAD: tl.constexpr,
 ):
-    """Split stage 3 (train) and the whole eval forward: y = act((x - mean) * rstd * w + b [+ r]), one pass."""
+    """Split stage 3 (train) and the whole eval forward: y = act((x - mean) * rstd * w + b [+ r]), one pass.
+    PAD: pad_value where the mask is False (the mask is read only then)."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -488,6 +543,9 @@ def _bn_normalize_kernel(
         z = _add_residual((x - centre) * scale + folded_shift, r_ptr, n0, s0, c_offs, N, C, S, stride_rn,
                           stride_rc, stride_rs, HAS_RESIDUAL, ACC, BLOCK_N, BLOCK_S)
         y = _act(z, ACTIVATION, act_param)
+        if PAD:
+            y = tl.where(_load_valid(m_ptr, n0, s0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N, BLOCK_S), y,
+                         pad_value)
         _store_tile(y_ptr, y, n0, s0, c_offs, N, C, S, stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S)
 
 
@@ -495,16 +553,19 @@ def _bn_normalize_kernel(
 @triton.jit
 def _bn_bwd_single_kernel(
     dx_ptr, dw_ptr, db_ptr, dr_ptr,  # outputs; dw/db (C,) in the parameters' dtype; dr = g (the residual's grad)
-    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr,
+    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr, m_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
     stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b, stride_mean, stride_stat,
+    stride_mn, stride_ms,
     eps: tl.float64, act_param: tl.float64,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DR: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, PAD: tl.constexpr,
 ):
-    """Single-pass backward: x and dy read once. Eval (TRAINING=False) reads the running stats (var, not rstd)."""
+    """Single-pass backward: x and dy read once. Eval (TRAINING=False) reads the running stats (var, not rstd).
+    HAS_MASK: M = the valid count and the statistics' terms of dx only at valid positions; PAD: g = 0 at padded
+    positions (their output was the constant)."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps, not TRAINING, ACC)
@@ -512,6 +573,11 @@ def _bn_bwd_single_kernel(
     xhat, g = _grad_tile(x_ptr, dy_ptr, r_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn,
                          stride_dyc, stride_dys, stride_rn, stride_rc, stride_rs, mean, rstd, w, b, act_param,
                          HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N, BLOCK_S)
+    if HAS_MASK:
+        valid = _load_valid(m_ptr, 0, 0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N, BLOCK_S)
+        if PAD:
+            g = tl.where(valid, g, 0.0)
+            xhat = tl.where(valid, xhat, 0.0)  # an inf/NaN x at a padded position adds nothing
     if COMPUTE_DR:
         _store_tile(dr_ptr, g, 0, 0, c_offs, N, C, S, stride_drn, stride_drc, stride_drs, BLOCK_N, BLOCK_S)
     sum_g = _channel_sum(g)
@@ -524,8 +590,13 @@ def _bn_bwd_single_kernel(
         if TRAINING:
             # per-channel means of g and g*xhat, then one multiply-add per element (as _bn_grad_input; an
             # element-wise division would be `div.full.f32`, approximate, in compiled float32)
-            inv_m = _div_rn(tl.full([], 1.0, ACC), _count(N, S, ACC))
-            dx = _bcast(w * rstd) * (g - _bcast(sum_g * inv_m) - xhat * _bcast(sum_gx * inv_m))
+            if HAS_MASK:  # x at a padded position is outside the statistics: only the direct term
+                inv_m = _div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.maximum(_channel_sum(valid.to(ACC)), 1.0))
+                stats_term = tl.where(valid, _bcast(sum_g * inv_m) + xhat * _bcast(sum_gx * inv_m), 0.0)
+                dx = _bcast(w * rstd) * (g - stats_term)
+            else:
+                inv_m = _div_rn(tl.full([], 1.0, ACC), _count(N, S, ACC))
+                dx = _bcast(w * rstd) * (g - _bcast(sum_g * inv_m) - xhat * _bcast(sum_gx * inv_m))
         else:
             dx = _bcast(w * rstd) * g
         _store_tile(dx_ptr, dx, 0, 0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
@@ -533,17 +604,19 @@ def _bn_bwd_single_kernel(
 
 @triton.jit
 def _bn_grad_partial_kernel(
-    part_ptr, dx_ptr, dr_ptr,  # outputs: (2, K, C) sum g / sum g*xhat in ACC; dx and dr (= g) only in eval
-    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr,
+    part_ptr, dx_ptr, dr_ptr,  # outputs: (2, K, C) sum g / sum g*xhat in ACC (HAS_MASK: (3, K, C), + the valid
+    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr, m_ptr,  # count); dx and dr (= g) only in eval
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
     stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b, stride_mean, stride_stat,
+    stride_mn, stride_ms,
     eps: tl.float64, act_param: tl.float64,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DR: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, PAD: tl.constexpr,
 ):
     """Backward split stage 1: per split, sum g and sum g*xhat. Eval: dx = w*rstd*g (and dr = g) need no global
-    sum, so they are written here, in the same pass."""
+    sum, so they are written here, in the same pass. HAS_MASK: a third plane, the split's valid count (grad_input's
+    M, with no host sync); PAD: g = 0 at padded positions."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -551,11 +624,18 @@ def _bn_grad_partial_kernel(
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_g = tl.zeros([BLOCK_C], ACC)
     sum_gx = tl.zeros([BLOCK_C], ACC)
+    cnt = tl.zeros([BLOCK_C], ACC)
     for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
         n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
         xhat, g = _grad_tile(x_ptr, dy_ptr, r_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs,
                              stride_dyn, stride_dyc, stride_dys, stride_rn, stride_rc, stride_rs, mean, rstd, w, b,
                              act_param, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N, BLOCK_S)
+        if HAS_MASK:
+            valid = _load_valid(m_ptr, n0, s0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N, BLOCK_S)
+            cnt += _channel_sum(valid.to(ACC))
+            if PAD:
+                g = tl.where(valid, g, 0.0)
+                xhat = tl.where(valid, xhat, 0.0)
         sum_g += _channel_sum(g)
         sum_gx += _channel_sum(g * xhat)
         if not TRAINING:
@@ -568,22 +648,28 @@ def _bn_grad_partial_kernel(
     c_mask = c_offs < C
     tl.store(part_ptr + row, sum_g, mask=c_mask)
     tl.store(part_ptr + num_splits * C + row, sum_gx, mask=c_mask)
+    if HAS_MASK:
+        tl.store(part_ptr + 2 * num_splits * C + row, cnt, mask=c_mask)
 
 
 @triton.jit
 def _bn_grad_finalize_kernel(
-    sums_ptr, dw_ptr, db_ptr,  # outputs: (2, C) sum g / sum g*xhat in ACC (for dx); dw, db in the params' dtype
-    part_ptr, C, num_splits,
+    sums_ptr, dw_ptr, db_ptr,  # outputs: (2, C) sum g / sum g*xhat in ACC (for dx; HAS_COUNT: (3, C), + count);
+    part_ptr, C, num_splits,  # dw, db in the params' dtype
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_COUNT: tl.constexpr,
 ):
-    """Backward split stage 2: the K partial sums, in a fixed order."""
+    """Backward split stage 2: the K partial sums, in a fixed order (HAS_COUNT: the masked grad_partial's third
+    plane, the valid counts, too)."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     sum_g = _sum_rows(part_ptr, 0, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
     sum_gx = _sum_rows(part_ptr, num_splits, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
     tl.store(sums_ptr + c_offs, sum_g, mask=c_mask)
     tl.store(sums_ptr + C + c_offs, sum_gx, mask=c_mask)
+    if HAS_COUNT:
+        tl.store(sums_ptr + 2 * C + c_offs, _sum_rows(part_ptr, 2 * num_splits, num_splits, c_offs, C, BLOCK_SPLITS,
+                                                      ACC), mask=c_mask)
     if COMPUTE_DW:
         tl.store(dw_ptr + c_offs, sum_gx.to(dw_ptr.dtype.element_ty), mask=c_mask)
     if COMPUTE_DB:
@@ -593,23 +679,28 @@ def _bn_grad_finalize_kernel(
 @triton.jit
 def _bn_grad_input_kernel(
     dx_ptr, dr_ptr,  # outputs (dr = g, the residual's grad)
-    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, rstd_ptr, sums_ptr,
+    x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, rstd_ptr, sums_ptr, m_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
-    stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b,
+    stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b, stride_mn, stride_ms,
     inv_count: tl.float64, act_param: tl.float64,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COMPUTE_DX: tl.constexpr,
     COMPUTE_DR: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, PAD: tl.constexpr,
 ):
     """Backward split stage 3 (train): dx = w*rstd * (g - (sum_g + xhat*sum_gx) * inv_count), elementwise, and
-    dr = g. inv_count = 1/M; SyncBatchNorm passes the global count's."""
+    dr = g. inv_count = 1/M; SyncBatchNorm passes the global count's. HAS_MASK: 1/M from the valid count in
+    sums' third row (inv_count unused), the statistics' terms only at valid positions; PAD: g = 0 at padded ones."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     mean, rstd = _load_stats(mean_ptr, rstd_ptr, c_offs, C, 1, 1, 0.0, False, ACC)
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
-    inv_m = tl.full([], inv_count, ACC)
+    if HAS_MASK:
+        inv_m = _div_rn(tl.full([BLOCK_C], 1.0, ACC),
+                        tl.maximum(tl.load(sums_ptr + 2 * C + c_offs, mask=c_mask, other=1.0), 1.0))
+    else:
+        inv_m = tl.full([], inv_count, ACC)
     mean_g = _bcast(tl.load(sums_ptr + c_offs, mask=c_mask, other=0.0) * inv_m)
     mean_gx = _bcast(tl.load(sums_ptr + C + c_offs, mask=c_mask, other=0.0) * inv_m)
     for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
@@ -617,9 +708,16 @@ def _bn_grad_input_kernel(
         xhat, g = _grad_tile(x_ptr, dy_ptr, r_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs,
                              stride_dyn, stride_dyc, stride_dys, stride_rn, stride_rc, stride_rs, mean, rstd, w, b,
                              act_param, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N, BLOCK_S)
+        if HAS_MASK:
+            valid = _load_valid(m_ptr, n0, s0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N, BLOCK_S)
+            if PAD:
+                g = tl.where(valid, g, 0.0)
         if COMPUTE_DR:
             _store_tile(dr_ptr, g, n0, s0, c_offs, N, C, S, stride_drn, stride_drc, stride_drs, BLOCK_N, BLOCK_S)
         if COMPUTE_DX:
-            dx = _bcast(w * rstd) * (g - mean_g - xhat * mean_gx)
+            if HAS_MASK:  # a padded x is outside the statistics: only the direct term
+                dx = _bcast(w * rstd) * (g - tl.where(valid, mean_g + xhat * mean_gx, 0.0))
+            else:
+                dx = _bcast(w * rstd) * (g - mean_g - xhat * mean_gx)
             _store_tile(dx_ptr, dx, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
 # fmt: on

@@ -284,6 +284,19 @@ def prepare(x: torch.Tensor, *others: torch.Tensor | None, widen: int = 1, split
     return (*views, config_for(views[0], widen, split))
 
 
+def mask_view(mask: torch.Tensor) -> torch.Tensor:
+    """A mask (x's shape without the channel dim, bool) as x's rank with a channel dim of size 1, whose stride is 1
+    (a size-1 dim imposes nothing: `merge_rows` then treats it as it treats x), in bytes (uint8, the same
+    storage): what `prepare` takes beside x; its (N, 1, S) view gives the kernels the mask's (n, s) strides."""
+    m = mask.view(torch.uint8)
+    return m.as_strided((m.shape[0], 1, *m.shape[1:]), (m.stride(0), 1, *m.stride()[1:]), m.storage_offset())
+
+
+def _mask_args(m: Ncs | None, x: Ncs):
+    """(pointer, (stride_n, stride_s)) of the mask view for a kernel; x's pointer and zeros when there is none."""
+    return (m.t, (m.sn, m.ss)) if m is not None else (x.t, (0, 0))
+
+
 def _stat_pair(like: torch.Tensor, C: int, dtype: torch.dtype):
     """mean and rstd on `like`'s device: two allocations, not rows of one (they are op outputs, which must not
     alias)."""
@@ -469,29 +482,35 @@ DIRECT_LAUNCH = _direct_launch_default()  # bnfast.testing and the host-time ben
 # Each stage: x, y, dy, dx are `Ncs`; w, b (weight, bias) and the running stats are (C,) tensors of any stride or
 # None; `cfg` comes from `config_for(x, ...)`; outputs are allocated by the caller or returned.
 def forward_single(x: Ncs, y: Ncs, w, b, mean, rstd, running, nbt, cfg, *, eps, momentum, cumulative, activation,
-                   act_param, r: Ncs | None = None):
+                   act_param, r: Ncs | None = None, m: Ncs | None = None, pad=None):
     """Single-pass training forward: y, and the batch mean/rstd into `mean`/`rstd` (ACC, (C,)).
-    `running` = (rm, rv, rm_out, rv_out) or None; `nbt` = num_batches_tracked when cumulative; `r` the residual."""
+    `running` = (rm, rv, rm_out, rv_out) or None; `nbt` = num_batches_tracked when cumulative; `r` the residual;
+    `m` the mask view (statistics over its valid positions), `pad` the value written at padded ones (or None)."""
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)  # dummies: never read
     r_ = _ncs_or(r, x)
+    m_ptr, m_strides = _mask_args(m, x)
     _launch("_bn_fwd_single_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
-        (y.t, mean, rstd, x.t, _or(w, x.t), _or(b, x.t), r_.t, rm, rv, rm_out, rv_out, _or(nbt, mean)),
+        (y.t, mean, rstd, x.t, _or(w, x.t), _or(b, x.t), r_.t, rm, rv, rm_out, rv_out, _or(nbt, mean), m_ptr),
         (*x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b),
-         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0)), (eps, momentum, act_param),
-        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, UPDATE_RUNNING, CUMULATIVE, ACTIVATION, ACC, BLOCK_N/C/S
+         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), *m_strides),
+        (eps, momentum, act_param, 0.0 if pad is None else pad),
+        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, UPDATE_RUNNING, CUMULATIVE, ACTIVATION, ACC, BLOCK_N/C/S, HAS_MASK, PAD
         (w is not None, b is not None, r is not None, running is not None, cumulative, activation, _TL[mean.dtype],
-         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
+         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, m is not None, m is not None and pad is not None),
     )
 
 
-def stats_partial(x: Ncs, cfg):
-    """Split stage 1: (part (3, K, C), shift (C,)) in ACC, the format in kernels/batch_norm.py."""
+def stats_partial(x: Ncs, cfg, m: Ncs | None = None):
+    """Split stage 1: (part (3, K, C), shift (C,)) in ACC, the format in kernels/batch_norm.py; over the valid
+    positions of the mask view `m` when given."""
     acc = acc_dtype(x.t.dtype)
     part = torch.empty((3, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
     shift = torch.empty(x.C, dtype=acc, device=x.t.device)
-    # constexprs: ACC, BLOCK_N/C/S
-    _launch("_bn_stats_partial_kernel", cfg.grid, cfg.num_warps, x.t.get_device(), (part, shift, x.t),
-            (*x.dims, *x.strides), (), (_TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S))
+    m_ptr, m_strides = _mask_args(m, x)
+    # constexprs: ACC, BLOCK_N/C/S, HAS_MASK
+    _launch("_bn_stats_partial_kernel", cfg.grid, cfg.num_warps, x.t.get_device(), (part, shift, x.t, m_ptr),
+            (*x.dims, *x.strides, *m_strides), (),
+            (_TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, m is not None))
     return part, shift
 
 
@@ -524,75 +543,94 @@ def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumu
     )
 
 
-def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param, r: Ncs | None = None):
-    """y = act((x - mean) * rstd * w + b [+ r]); `stat` is rstd, or the running variance when stat_is_var (eval)."""
+def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param, r: Ncs | None = None,
+              m: Ncs | None = None, pad=None):
+    """y = act((x - mean) * rstd * w + b [+ r]); `stat` is rstd, or the running variance when stat_is_var (eval);
+    `pad` (with the mask view `m`) is written where the mask is False."""
     r_ = _ncs_or(r, x)
+    padded = m is not None and pad is not None
+    m_ptr, m_strides = _mask_args(m if padded else None, x)
     _launch("_bn_normalize_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
-        (y.t, x.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat),
+        (y.t, x.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat, m_ptr),
         (*x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b), mean.stride(0),
-         stat.stride(0)), (eps, act_param),
-        # STAT_IS_VAR, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N/C/S
+         stat.stride(0), *m_strides), (eps, act_param, pad if padded else 0.0),
+        # STAT_IS_VAR, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N/C/S, PAD
         (stat_is_var, w is not None, b is not None, r is not None, activation, _TL[acc_dtype(x.t.dtype)],
-         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
+         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, padded),
     )
 
 
 # -------------------------------------------------------------------------------------------- backward stages
 def backward_single(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, stat, dw, db, cfg, *, training, eps, activation,
-                    act_param, r: Ncs | None = None, dr: Ncs | None = None):
-    """Single-pass backward into dx, dw, db, dr (each None: not needed); `r` the residual of the forward."""
+                    act_param, r: Ncs | None = None, dr: Ncs | None = None, m: Ncs | None = None,
+                    pad=None):
+    """Single-pass backward into dx, dw, db, dr (each None: not needed); `r` the residual of the forward; `m` the
+    forward's mask view and `pad` its pad value (None: padded outputs were normalised)."""
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)  # dummy strides and pointers when absent
+    m_ptr, m_strides = _mask_args(m, x)
     _launch("_bn_bwd_single_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
-        (out.t, _or(dw, x.t), _or(db, x.t), dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat),
+        (out.t, _or(dw, x.t), _or(db, x.t), dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat, m_ptr),
         (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
-         _vec_stride(b), mean.stride(0), stat.stride(0)), (eps, act_param),
-        # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX/DW/DB/DR, ACTIVATION, ACC, BLOCK_N/C/S
+         _vec_stride(b), mean.stride(0), stat.stride(0), *m_strides), (eps, act_param),
+        # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX/DW/DB/DR, ACTIVATION, ACC, BLOCK_N/C/S, HAS_MASK,
+        # PAD
         (training, w is not None, b is not None, r is not None, dx is not None, dw is not None, db is not None,
-         dr is not None, activation, _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
+         dr is not None, activation, _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S,
+         m is not None, m is not None and pad is not None),
     )
 
 
 def grad_partial(dy: Ncs, x: Ncs, w, b, mean, stat, cfg, *, training, eps, activation, act_param, dx=None, r=None,
-                 dr=None):
-    """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx and dr if given."""
+                 dr=None, m: Ncs | None = None, pad=None):
+    """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx and dr if given.
+    With the mask view `m`: part (3, K, C), the third plane the valid counts (see _bn_grad_partial_kernel)."""
     acc = acc_dtype(x.t.dtype)
-    part = torch.empty((2, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
+    part = torch.empty((2 if m is None else 3, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)
+    m_ptr, m_strides = _mask_args(m, x)
     _launch("_bn_grad_partial_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
-        (part, out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat),
+        (part, out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat, m_ptr),
         (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
-         _vec_stride(b), mean.stride(0), stat.stride(0)), (eps, act_param),
-        # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S
+         _vec_stride(b), mean.stride(0), stat.stride(0), *m_strides), (eps, act_param),
+        # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S,
+        # HAS_MASK, PAD
         (training, w is not None, b is not None, r is not None, dx is not None and not training,
-         dr is not None and not training, activation, _TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
+         dr is not None and not training, activation, _TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S,
+         m is not None, m is not None and pad is not None),
     )
     return part
 
 
 def grad_finalize(part, dw=None, db=None):
     """Backward split stage 2: sums (2, C) in ACC (sum g, sum g*xhat, for grad_input); also writes dweight
-    and dbias (in their own dtype) when given."""
+    and dbias (in their own dtype) when given. A masked grad_partial's (3, K, C) part gives (3, C) sums, the
+    third row the valid counts."""
     C = part.shape[2]
-    sums = torch.empty((2, C), dtype=part.dtype, device=part.device)
+    sums = torch.empty((part.shape[0], C), dtype=part.dtype, device=part.device)
     _launch("_bn_grad_finalize_kernel", (_cdiv(C, FINALIZE_BLOCK_C),), 4, part.get_device(),
             (sums, _or(dw, sums), _or(db, sums), part), (C, part.shape[1]), (),
-            # COMPUTE_DW, COMPUTE_DB, ACC, BLOCK_SPLITS, BLOCK_C
-            (dw is not None, db is not None, _TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C))
+            # COMPUTE_DW, COMPUTE_DB, ACC, BLOCK_SPLITS, BLOCK_C, HAS_COUNT
+            (dw is not None, db is not None, _TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C,
+             part.shape[0] == 3))
     return sums
 
 
 def grad_input(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, rstd, sums, cfg, *, count, activation, act_param,
-               r: Ncs | None = None, dr: Ncs | None = None):
-    """Backward split stage 3 (train): dx (and dr) from the global sums; `count` = M (the global M under SyncBN)."""
+               r: Ncs | None = None, dr: Ncs | None = None, m: Ncs | None = None, pad=None):
+    """Backward split stage 3 (train): dx (and dr) from the global sums; `count` = M (the global M under SyncBN).
+    With the mask view `m`, M is the valid count in the (3, C) sums' third row (`count` is not used)."""
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)
+    m_ptr, m_strides = _mask_args(m, x)
     _launch("_bn_grad_input_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
-        (out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, rstd, sums),
+        (out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, rstd, sums, m_ptr),
         (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
-         _vec_stride(b)), (1.0 / count, act_param),
-        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S
+         _vec_stride(b), *m_strides), (1.0 / count, act_param),
+        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S, HAS_MASK, PAD
         (w is not None, b is not None, r is not None, dx is not None, dr is not None, activation,
-         _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S),
+         _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, m is not None,
+         m is not None and pad is not None),
     )
+
 
 # fmt: on
 
@@ -633,16 +671,24 @@ def bn_fwd(
     act_param,
     running_out=None,
     residual=None,
+    mask=None,
+    pad_value=None,
 ):
     """Forward. Returns (y, mean, rstd): the batch mean and rstd in ACC when training (saved for the backward),
     0-element tensors in eval (the backward then reads the running stats).
+    `mask` (x's shape without the channel dim, bool, any strides; validated by bnfast.functional): training
+    statistics over its True positions only; `pad_value` (a float or None) is written where it is False.
 
     Training with running stats writes the updated stats into `running_out` = (mean_out, var_out), by default
     running_mean/running_var themselves (in place). `cumulative` uses 1/num_batches_tracked (already incremented)
     as the factor. `residual` (x's shape, any strides) is added before the activation.
     """
     y_t, mean, rstd = forward_outputs(x, training)
-    x3, y3, r3, cfg = prepare(x, y_t, residual, widen=2 if x.dtype == torch.float64 else 1)  # register_widening
+    if mask is not None and (training or pad_value is not None):  # eval without a pad value: the mask changes nothing
+        x3, y3, r3, m3, cfg = prepare(x, y_t, residual, mask_view(mask), widen=2 if x.dtype == torch.float64 else 1)
+    else:
+        x3, y3, r3, cfg = prepare(x, y_t, residual, widen=2 if x.dtype == torch.float64 else 1)  # register_widening
+        m3 = None
     if not training:
         normalize(
             x3,
@@ -657,6 +703,8 @@ def bn_fwd(
             activation=activation,
             act_param=act_param,
             r=r3,
+            m=m3,
+            pad=pad_value,
         )
         return y_t, mean, rstd
     running = None
@@ -678,10 +726,12 @@ def bn_fwd(
             activation=activation,
             act_param=act_param,
             r=r3,
+            m=m3,
+            pad=pad_value,
             **opts,
         )
         return y_t, mean, rstd
-    part, shift = stats_partial(x3, cfg)
+    part, shift = stats_partial(x3, cfg, m3)
     stats_finalize(part, shift, mean, rstd, running, nbt, **opts)
     normalize(
         x3,
@@ -696,6 +746,8 @@ def bn_fwd(
         activation=activation,
         act_param=act_param,
         r=r3,
+        m=m3,
+        pad=pad_value,
     )
     return y_t, mean, rstd
 
@@ -717,17 +769,22 @@ def bn_bwd(
     needs_db=True,
     residual=None,
     needs_dr=False,
+    mask=None,
+    pad_value=None,
 ):
     """Backward. (mean, stat) = (batch mean, rstd) in training, (running_mean, running_var) in eval; `residual` is
     the forward's (needed to recompute z under an activation). Returns (dx, dweight, dbias, dresidual), each
     None when not asked for or when there is no such input. Without an activation dresidual = dy: the caller
-    passes dy on and asks for no dresidual here."""
+    passes dy on and asks for no dresidual here. `mask`, `pad_value`: the forward's."""
     dx_t, dw, db, dr_t = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db, needs_dr), residual)
     r = residual if activation else None  # only act' reads it
-    x3, dy3, dx3, r3, dr3, cfg = prepare(
-        x, dy, dx_t, r, dr_t, widen=register_widening(acc_dtype(x.dtype), activation, backward=True)
-    )
-    opts = dict(activation=activation, act_param=act_param, r=r3, dr=dr3)
+    widen = register_widening(acc_dtype(x.dtype), activation, backward=True)
+    if mask is not None and (training or pad_value is not None):
+        x3, dy3, dx3, r3, dr3, m3, cfg = prepare(x, dy, dx_t, r, dr_t, mask_view(mask), widen=widen)
+    else:
+        x3, dy3, dx3, r3, dr3, cfg = prepare(x, dy, dx_t, r, dr_t, widen=widen)
+        m3 = None
+    opts = dict(activation=activation, act_param=act_param, r=r3, dr=dr3, m=m3, pad=pad_value)
     if cfg.plan == "single":
         backward_single(dy3, x3, dx3, weight, bias, mean, stat, dw, db, cfg, training=training, eps=eps, **opts)
         return dx_t, dw, db, dr_t

@@ -237,7 +237,7 @@ def test_eager_and_traced_entries_save_the_same(device, training):
     args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0, None)
     y_op = ops.batch_norm_op(*args)[0]
     saved_fn, saved_op = y_fn.grad_fn.saved_tensors, y_op.grad_fn.saved_tensors
-    assert len(saved_fn) == len(saved_op) == 6
+    assert len(saved_fn) == len(saved_op) == 7  # x, weight, bias, two stats, residual, mask
     for a, c in zip(saved_fn, saved_op, strict=True):
         assert (a is None) == (c is None)
         if a is not None:

@@ -47,6 +47,7 @@ class FusedBatchNormBase:
     """
 
     _INPUT_DIMS: tuple[int, ...] = ()
+    virtual_batch_size: int | None = None  # ghost BatchNorm (FusedBatchNorm1d/2d/3d's constructor); None: off
 
     def __init__(
         self,
@@ -60,8 +61,14 @@ class FusedBatchNormBase:
         *,
         bias: bool = True,
         activation=None,
+        virtual_batch_size: int | None = None,
     ) -> None:
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
+        ):
+            raise ValueError(f"virtual_batch_size must be a positive integer or None, got {virtual_batch_size!r}")
         self.activation = resolve_activation(activation)  # before super(): reset_parameters may print repr
+        self.virtual_batch_size = virtual_batch_size
         if _TORCH_HAS_BN_BIAS:  # super() is the torch class (the mixin comes first in the MRO)
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         else:  # older torch: no bias keyword; drop the bias ourselves
@@ -70,7 +77,8 @@ class FusedBatchNormBase:
                 self.register_parameter("bias", None)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation!r}"
+        ghost = f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{ghost}"
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
@@ -123,6 +131,7 @@ class FusedBatchNormBase:
             residual,
             mask,
             pad_value,
+            self.virtual_batch_size if training else None,
         )
 
 
@@ -326,7 +335,8 @@ def _sync_activation(module: nn.Module) -> Activation | None:
     if kind in _SYNC_CONVERTIBLE:
         return Activation("")
     if kind in (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedSyncBatchNorm):
-        return module.activation
+        # ghost BatchNorm normalises chunks of this rank's batch: synchronising would change what it computes
+        return module.activation if module.virtual_batch_size is None else None
     timm = timm_norm_act_types()
     if kind in (timm.get("BatchNormAct2d"), timm.get("SyncBatchNormAct")):
         return norm_act_activation(module)

@@ -5,8 +5,8 @@ tests/test_headline.py holds the headline selection to the cases the GPU issue a
 
 Sets (`pytest bench --bench-set NAME`, bench/conftest.py; bash bench/run_gpu.sh picks them):
 - "headline": what `bash bench/run_gpu.sh` times in one call (issue 17): fwd+bwd BN+ReLU, bnfast vs eager vs
-  torch.compile, on HEADLINE_CASES; the MNIST step on MNIST_HEADLINE_CONFIGS, every model; no SyncBatchNorm and
-  no host-overhead benchmark.
+  torch.compile, on HEADLINE_CASES; the MNIST step on MNIST_HEADLINE_CONFIGS, every model; no SyncBatchNorm, no
+  host-overhead benchmark and no BatchNorm variant (masked: VARIANT_CASES).
 - "rest": everything of "full" that "headline" does not time (`bash bench/run_gpu.sh --full`, a second call);
 - "full": all of it (the default of `pytest bench --benchmark-only`);
 - "smoke": what `--benchmark-disable` runs (any set): each body once on tiny shapes (CI, under the interpreter).
@@ -173,6 +173,43 @@ def mnist_params(bench_set: str) -> list[tuple[int, int, str]]:
 
 def mnist_id(batch, hidden, model) -> str:
     return f"batch{batch}-hidden{hidden}-{model}"
+
+
+# ---------------------------------------------------------------------- BatchNorm variants (bench/test_variants.py)
+# bnfast's variant of BN+ReLU fwd+bwd vs the torch snippet users write for it today (bench/variants.py), issue 22.
+# Not in the headline (issue 17's cases and time budget): the "rest" / "full" sets (`bash bench/run_gpu.sh --full`).
+# A ghost BatchNorm case goes beside the masked one: a VariantCase("ghost", ...) here, its snippet and builders in
+# bench/variants.py (VARIANTS).
+@dataclasses.dataclass(frozen=True)
+class VariantCase:
+    variant: str  # a key of bench/variants.py VARIANTS: "masked"
+    dtype: str  # key of DTYPES
+    shape: tuple  # (N, C, L)
+
+    @property
+    def id(self) -> str:
+        return f"{self.variant}-fwd+bwd-relu-{self.dtype}-{shape_id(self.shape)}"
+
+    @property
+    def base(self) -> Case:
+        """The plain BN+ReLU fwd+bwd case of the same shape (bytes, input rotation)."""
+        return Case("fwd+bwd", "relu", self.dtype, self.shape)
+
+    def min_bytes(self) -> int:
+        """BN+ReLU fwd+bwd's floor (bench/traffic.py) plus one read of the (N, L) bool mask."""
+        N, _, L = self.shape
+        return self.base.min_bytes() + N * L
+
+
+VARIANT_PROVIDERS = ("bnfast", "snippet")
+# masked: a speech-sized conv-module activation (batch 32, 512 channels, 1024 frames; 64 MiB in float32), lengths
+# uniform in [L/4, L]
+VARIANT_CASES = [VariantCase("masked", "float32", (32, 512, 1024))]
+VARIANT_SMOKE_CASES = [VariantCase("masked", "float32", (3, 4, 6))]
+
+
+def variant_cases(bench_set: str) -> list[VariantCase]:
+    return {"smoke": VARIANT_SMOKE_CASES, "headline": [], "rest": VARIANT_CASES, "full": VARIANT_CASES}[bench_set]
 
 
 # ------------------------------------------------------------------------------ SyncBatchNorm and host overhead

@@ -6,7 +6,10 @@ variant, how each provider is built, fed and stepped. The cases: bench/cases.py 
   squares, the variance, the normalisation, the affine, each its own op and pass; then ReLU and `y * mask`), as
   copied from forum and GitHub snippets; "bnfast": FusedBatchNorm1d(C, activation="relu") called with `mask=`
   and `pad_value=0.0` (statistics over the valid positions, ReLU and the padding in one pass per stage).
-- ghost BatchNorm goes here next: a GhostBatchNorm snippet and a `_Ghost` entry in VARIANTS.
+- "ghost" (issue 22): fwd+bwd of ghost BN + ReLU (virtual batches of `case.chunk` samples). "snippet":
+  `GhostBatchNorm` below (torch's BatchNorm called on each chunk in a Python loop, then `torch.cat`: TabNet's and
+  most public implementations), then ReLU; "bnfast": FusedBatchNorm1d(C, activation="relu",
+  virtual_batch_size=G) (the chunk is one more reduction axis: the same launches whatever the number of chunks).
 
 Imports torch and bench (bnfast lazily, as bench/harness.py).
 """
@@ -105,7 +108,78 @@ class _Masked:
         return step
 
 
-VARIANTS = {"masked": _Masked}  # "ghost": the next entry
+class GhostBatchNorm(nn.BatchNorm1d):
+    """The ghost BatchNorm users write today: torch's BatchNorm on each chunk of `virtual_batch_size` samples in
+    training (a Python loop, one BatchNorm call per chunk, then torch.cat); the running stats take each chunk's
+    update in order. Eval: plain BatchNorm."""
+
+    def __init__(self, num_features: int, virtual_batch_size: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.virtual_batch_size = virtual_batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        return torch.cat([super(GhostBatchNorm, self).forward(chunk) for chunk in x.split(self.virtual_batch_size)])
+
+
+class GhostSnippetReLU(nn.Module):
+    def __init__(self, bn: GhostBatchNorm):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        return torch.relu(self.bn(x))
+
+
+class _Ghost:
+    @staticmethod
+    def build(provider: str, case: VariantCase, device) -> nn.Module:
+        import bnfast
+
+        seeded = harness.build_module("eager", case.base, device)[0]  # nn.BatchNorm1d with the seeded state
+        C, G = case.shape[1], case.chunk
+        if provider == "bnfast":
+            module = bnfast.FusedBatchNorm1d(
+                C, momentum=harness.MOMENTUM, eps=harness.EPS, activation="relu", virtual_batch_size=G
+            )
+            bn = module
+        elif provider == "snippet":
+            bn = GhostBatchNorm(C, G, momentum=harness.MOMENTUM, eps=harness.EPS)
+            module = GhostSnippetReLU(bn)
+        else:
+            raise ValueError(f"unknown provider {provider!r}")
+        bn.load_state_dict(seeded.state_dict())
+        return module.to(device=device, dtype=case.base.torch_dtype).train()
+
+    @staticmethod
+    def inputs(case: VariantCase, device, copies: int):
+        """[(x, dy)] * copies, seeded; each chunk with its own offset and scale (what makes ghost statistics differ
+        from the batch's)."""
+        gen = torch.Generator(device=device).manual_seed(1)
+        chunks = -(-case.shape[0] // case.chunk)
+        out = []
+        for _ in range(copies):
+            scale = torch.rand(chunks, generator=gen, device=device).add(0.5).repeat_interleave(case.chunk)
+            scale = scale[: case.shape[0]].view(-1, *(1,) * (len(case.shape) - 1))
+            x = torch.randn(case.shape, generator=gen, device=device) * scale + scale
+            dy = torch.randn(case.shape, generator=gen, device=device).to(case.base.torch_dtype)
+            out.append((x.to(case.base.torch_dtype).requires_grad_(), dy))
+        return out
+
+    @staticmethod
+    def step(module: nn.Module):
+        """step(x, dy) -> (y, dx, dweight, dbias)."""
+        params = [p for p in module.parameters() if p.requires_grad]
+
+        def step(x, dy):
+            y = module(x)
+            return (y, *torch.autograd.grad(y, (x, *params), dy))
+
+        return step
+
+
+VARIANTS = {"masked": _Masked, "ghost": _Ghost}
 
 
 def build(provider: str, case: VariantCase, device) -> nn.Module:

@@ -23,6 +23,15 @@ c stride 0: 1 byte per (n, s) per tile; PAD: pad_value p written where v = 0):
                       `_bn_grad_finalize` sums it (HAS_COUNT), `_bn_grad_input` takes 1/M from it (no host sync).
     Eval:             the mask changes nothing but PAD (the statistics are the running ones).
     HAS_MASK=False (and PAD=False) compiles to exactly the unmasked code: every masked branch is a constexpr if.
+Ghost BatchNorm (GHOST, training only; `chunk` = rows of the (N, C, S) view per chunk, the last chunk shorter):
+    every chunk [g*chunk, min((g+1)*chunk, N)) is a BatchNorm of its own: mean, var, rstd, M and the backward's
+    sums per (chunk, channel), so the chunk is one more reduction axis, not a loop. Grid axis 0 runs over (chunk,
+    channel block), chunk-major; each program offsets its pointers to its chunk's first row and its row of the
+    (chunks, C) statistics, and runs the unchanged tile code on N = the chunk's rows. Same passes and traffic as
+    BatchNorm; the running stats move chunk by chunk in chunk order (`_bn_running_chunks_kernel`, one program per
+    channel block: (1-f)*running + f*batch per chunk, rounded to the buffers' dtype each time, as torch's module
+    called on each chunk would), and dweight, dbias are the chunks' sums added in chunk order
+    (`_bn_grad_finalize_kernel`). GHOST=False compiles to exactly the code without it.
 
 Accuracy. Variance is never E[x^2]-E[x]^2. A tile's (count, mean, M2 = sum of squared deviations) is exact
 up to rounding, tiles merge with Chan's formula, and splits with the parallel formula
@@ -54,6 +63,8 @@ Passes and launches per plan (chosen by `kernels.launch`):
                   finalize -> _bn_normalize (3)          finalize -> _bn_grad_input (3)    bwd x and dy twice
     eval forward  _bn_normalize (1): one read, one write.
     eval backward single-pass: _bn_bwd_single (1); split: _bn_grad_partial (writes dx too) -> _bn_grad_finalize.
+    ghost         as above, whatever the number of chunks, plus _bn_running_chunks after the statistics (with
+                  running stats) and, single-pass backward, _bn_grad_finalize (dweight, dbias over the chunks)
 "single-pass": one program holds a channel block's whole column in registers. "split": grid (channel blocks,
 splits); each program walks the tiles t = split, split + K, ... of its channel block, so even C = 32 fills a
 132-SM GPU; dx needs the global sums before any element can be written, and x, dy do not fit on chip, so the
@@ -409,14 +420,14 @@ def _bn_fwd_single_kernel(
     GHOST: the program's column is one chunk of rows, with its own statistics; UPDATE_RUNNING then stores the
     chunk's variance for `_bn_running_chunks_kernel` instead of updating the running stats."""
     if GHOST:
-        block, g = _ghost_block(C, BLOCK_C)
-        row0, N = _ghost_rows(g, N, chunk)
+        block, ci = _ghost_block(C, BLOCK_C)
+        row0, N = _ghost_rows(ci, N, chunk)
         x_ptr += row0 * stride_xn
         y_ptr += row0 * stride_yn
         r_ptr += row0 * stride_rn
-        mean_ptr += g.to(tl.int64) * C
-        rstd_ptr += g.to(tl.int64) * C
-        var_ptr += g.to(tl.int64) * C
+        mean_ptr += ci.to(tl.int64) * C
+        rstd_ptr += ci.to(tl.int64) * C
+        var_ptr += ci.to(tl.int64) * C
     else:
         block = tl.program_id(0)
     c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -463,11 +474,11 @@ def _bn_stats_partial_kernel(
     HAS_MASK: over the mask's valid lanes only (the counts are theirs; a tile with none adds nothing).
     GHOST: over one chunk of rows; part is (chunks, 3, K, C) and shift (chunks, C)."""
     if GHOST:
-        block, g = _ghost_block(C, BLOCK_C)
-        row0, N = _ghost_rows(g, N, chunk)
+        block, ci = _ghost_block(C, BLOCK_C)
+        row0, N = _ghost_rows(ci, N, chunk)
         x_ptr += row0 * stride_xn
-        part_ptr += g.to(tl.int64) * 3 * tl.num_programs(1) * C
-        shift_ptr += g.to(tl.int64) * C
+        part_ptr += ci.to(tl.int64) * 3 * tl.num_programs(1) * C
+        shift_ptr += ci.to(tl.int64) * C
     else:
         block = tl.program_id(0)
     c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -540,12 +551,12 @@ def _bn_stats_finalize_kernel(
     GHOST: one chunk's (3, K, C) block of the (chunks, 3, K, C) partials per program, mean/rstd/var (chunks, C);
     UPDATE_RUNNING then stores the variance (see _bn_fwd_single_kernel)."""
     if GHOST:
-        block, g = _ghost_block(C, BLOCK_C)
-        part_ptr += g.to(tl.int64) * 3 * stride_part_plane
-        shift_ptr += g.to(tl.int64) * C
-        mean_ptr += g.to(tl.int64) * C
-        rstd_ptr += g.to(tl.int64) * C
-        var_ptr += g.to(tl.int64) * C
+        block, ci = _ghost_block(C, BLOCK_C)
+        part_ptr += ci.to(tl.int64) * 3 * stride_part_plane
+        shift_ptr += ci.to(tl.int64) * C
+        mean_ptr += ci.to(tl.int64) * C
+        rstd_ptr += ci.to(tl.int64) * C
+        var_ptr += ci.to(tl.int64) * C
     else:
         block = tl.program_id(0)
     c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -616,13 +627,13 @@ def _bn_normalize_kernel(
     PAD: pad_value where the mask is False (the mask is read only then). GHOST: one chunk of rows per program,
     with that chunk's row of the (chunks, C) mean and rstd."""
     if GHOST:
-        block, g = _ghost_block(C, BLOCK_C)
-        row0, N = _ghost_rows(g, N, chunk)
+        block, ci = _ghost_block(C, BLOCK_C)
+        row0, N = _ghost_rows(ci, N, chunk)
         x_ptr += row0 * stride_xn
         y_ptr += row0 * stride_yn
         r_ptr += row0 * stride_rn
-        mean_ptr += g.to(tl.int64) * C
-        stat_ptr += g.to(tl.int64) * C
+        mean_ptr += ci.to(tl.int64) * C
+        stat_ptr += ci.to(tl.int64) * C
     else:
         block = tl.program_id(0)
     c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -675,17 +686,17 @@ def _bn_bwd_single_kernel(
     statistics and M; dw_ptr and db_ptr are then planes 1 and 0 of a (2, chunks, C) partial in ACC (the chunk's
     sums, added up over chunks by _bn_grad_finalize_kernel)."""
     if GHOST:
-        block, g = _ghost_block(C, BLOCK_C)
-        row0, N = _ghost_rows(g, N, chunk)
+        block, ci = _ghost_block(C, BLOCK_C)
+        row0, N = _ghost_rows(ci, N, chunk)
         x_ptr += row0 * stride_xn
         dy_ptr += row0 * stride_dyn
         dx_ptr += row0 * stride_dxn
         r_ptr += row0 * stride_rn
         dr_ptr += row0 * stride_drn
-        mean_ptr += g.to(tl.int64) * C
-        stat_ptr += g.to(tl.int64) * C
-        dw_ptr += g.to(tl.int64) * C
-        db_ptr += g.to(tl.int64) * C
+        mean_ptr += ci.to(tl.int64) * C
+        stat_ptr += ci.to(tl.int64) * C
+        dw_ptr += ci.to(tl.int64) * C
+        db_ptr += ci.to(tl.int64) * C
     else:
         block = tl.program_id(0)
     c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -744,15 +755,15 @@ def _bn_grad_partial_kernel(
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     if GHOST:
-        block, g = _ghost_block(C, BLOCK_C)
+        block, ci = _ghost_block(C, BLOCK_C)
         num_rows = tl.cdiv(N, chunk) * num_splits  # rows per plane: chunks * K
-        row0, N = _ghost_rows(g, N, chunk)
+        row0, N = _ghost_rows(ci, N, chunk)
         x_ptr += row0 * stride_xn
         dy_ptr += row0 * stride_dyn
         r_ptr += row0 * stride_rn
-        mean_ptr += g.to(tl.int64) * C
-        stat_ptr += g.to(tl.int64) * C
-        row_base = g.to(tl.int64) * num_splits  # this chunk's first row in each plane
+        mean_ptr += ci.to(tl.int64) * C
+        stat_ptr += ci.to(tl.int64) * C
+        row_base = ci.to(tl.int64) * num_splits  # this chunk's first row in each plane
     else:
         block = tl.program_id(0)
         row_base = 0
@@ -845,17 +856,17 @@ def _bn_grad_input_kernel(
     GHOST: one chunk of rows per program, its row of the (chunks, C) mean and rstd and of the (2, chunks, C) sums,
     and its own M (inv_count unused)."""
     if GHOST:
-        block, g = _ghost_block(C, BLOCK_C)
+        block, ci = _ghost_block(C, BLOCK_C)
         plane = tl.cdiv(N, chunk) * C  # the sums' plane stride: chunks * C
-        row0, N = _ghost_rows(g, N, chunk)
+        row0, N = _ghost_rows(ci, N, chunk)
         x_ptr += row0 * stride_xn
         dy_ptr += row0 * stride_dyn
         dx_ptr += row0 * stride_dxn
         r_ptr += row0 * stride_rn
         dr_ptr += row0 * stride_drn
-        mean_ptr += g.to(tl.int64) * C
-        rstd_ptr += g.to(tl.int64) * C
-        sums_ptr += g.to(tl.int64) * C
+        mean_ptr += ci.to(tl.int64) * C
+        rstd_ptr += ci.to(tl.int64) * C
+        sums_ptr += ci.to(tl.int64) * C
     else:
         block = tl.program_id(0)
         plane = C

@@ -864,8 +864,9 @@ def bn_bwd(
     if cfg.plan == "single":
         if ghost:  # each chunk's sums, then dweight, dbias over the chunks in order
             part = torch.empty((2, cfg.num_chunks, x3.C), dtype=mean.dtype, device=x.device)
-            backward_single(dy3, x3, dx3, weight, bias, mean, stat, part[1], part[0], cfg, training=training,
-                            eps=eps, **opts)
+            backward_single(
+                dy3, x3, dx3, weight, bias, mean, stat, part[1], part[0], cfg, training=training, eps=eps, **opts
+            )
             if dw is not None or db is not None:
                 grad_finalize(part, dw, db, cfg.num_chunks)
             return dx_t, dw, db, dr_t

@@ -193,21 +193,29 @@ def test_one_launch_plan_whatever_the_number_of_chunks():
             with bnfast.testing.force_plan(plan, tile), bnfast.testing.record_launches() as log:
                 module(x).sum().backward()
             names[G, plan] = [entry[0] for entry in log]
-    assert names[16, "single"] == names[4, "single"] == [
-        "_bn_fwd_single_kernel",
-        "_bn_running_chunks_kernel",
-        "_bn_bwd_single_kernel",
-        "_bn_grad_finalize_kernel",
-    ]
-    assert names[16, "split"] == names[4, "split"] == [
-        "_bn_stats_partial_kernel",
-        "_bn_stats_finalize_kernel",
-        "_bn_running_chunks_kernel",
-        "_bn_normalize_kernel",
-        "_bn_grad_partial_kernel",
-        "_bn_grad_finalize_kernel",
-        "_bn_grad_input_kernel",
-    ]
+    assert (
+        names[16, "single"]
+        == names[4, "single"]
+        == [
+            "_bn_fwd_single_kernel",
+            "_bn_running_chunks_kernel",
+            "_bn_bwd_single_kernel",
+            "_bn_grad_finalize_kernel",
+        ]
+    )
+    assert (
+        names[16, "split"]
+        == names[4, "split"]
+        == [
+            "_bn_stats_partial_kernel",
+            "_bn_stats_finalize_kernel",
+            "_bn_running_chunks_kernel",
+            "_bn_normalize_kernel",
+            "_bn_grad_partial_kernel",
+            "_bn_grad_finalize_kernel",
+            "_bn_grad_input_kernel",
+        ]
+    )
 
 
 @pytest.mark.parametrize("kernel", ["single", "split"])

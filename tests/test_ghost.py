@@ -315,3 +315,22 @@ def test_sync_conversion_leaves_ghost_modules_alone():
     with pytest.warns(UserWarning, match="leaves FusedBatchNorm2d"):
         converted = bnfast.FusedSyncBatchNorm.convert_sync_batchnorm(model)
     assert type(converted[1]) is FusedBatchNorm2d and converted[1].virtual_batch_size == 8
+
+
+def test_readme_example_runs():
+    """The README's Ghost BatchNorm snippet runs as written: 8 chunks, each normalised with its own statistics."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^## Ghost BatchNorm.*?$(.*?)(?=^## )", readme, re.M | re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+    bn = scope["bn"]
+    assert int(bn.num_batches_tracked) == 8 and scope["y"].shape == (1000, 64)
+    x = torch.randn(1000, 64, generator=torch.Generator().manual_seed(15))
+    expected = torch.cat(
+        [torch.relu((c - c.mean(0)) * torch.rsqrt(c.var(0, correction=0) + EPS)) for c in x.split(128)]
+    )
+    torch.testing.assert_close(bn(x), expected, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,9 @@ Routing, per call:
 Imports: torch, bnfast.activations, bnfast.ops, bnfast.kernels.launch (is_interpreted).
 """
 
+import math
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -195,7 +198,8 @@ def batch_norm(
     Ghost BatchNorm: `virtual_batch_size` G (default None: off). In training, samples [0, G), [G, 2G), ... (the
     last chunk may be shorter) are each normalised with their own statistics, and the running stats end as if
     torch's batch_norm had been called on each chunk in order (with momentum=None, num_batches_tracked must then
-    already count every chunk: the modules add one per chunk). Eval ignores it. Not combined with a mask.
+    already count every chunk: the modules add one per chunk; a counter below the number of chunks makes a
+    factor 1/0 or negative, so the running stats come out NaN or wrong). Eval ignores it. Not combined with a mask.
     """
     return batch_norm_impl(
         input,
@@ -216,12 +220,22 @@ def batch_norm(
     )
 
 
+def virtual_batch_size_of(chunk) -> int:
+    """Ghost BatchNorm's G as a Python int: a positive integer (numpy integers too), ValueError otherwise."""
+    try:
+        valid = not isinstance(chunk, bool) and operator.index(chunk) >= 1
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"bnfast.batch_norm: virtual_batch_size must be a positive integer or None, got {chunk!r}")
+    return operator.index(chunk)
+
+
 def _check_virtual_batch_size(x: torch.Tensor, chunk, mask, training: bool) -> int:
     """Ghost BatchNorm's G: a positive integer (ValueError otherwise), without a mask; in training every chunk
     must hold more than one value per channel (torch's ValueError and message for the shortest chunk, the last).
     Returns the number of chunks (1 in eval, where G changes nothing)."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"bnfast.batch_norm: virtual_batch_size must be a positive integer or None, got {chunk!r}")
+    chunk = virtual_batch_size_of(chunk)
     if mask is not None:
         raise ValueError("bnfast.batch_norm: virtual_batch_size and mask cannot be combined")
     if not training:
@@ -229,7 +243,7 @@ def _check_virtual_batch_size(x: torch.Tensor, chunk, mask, training: bool) -> i
     N = x.shape[0]
     chunks = -(-N // chunk)
     last = x[(chunks - 1) * chunk :]
-    if N and last.numel() == last.shape[1]:  # one value per channel in a chunk (what torch's batch_norm refuses)
+    if N and last.shape[0] * math.prod(last.shape[2:]) == 1:  # torch's _verify_batch_size, on the shortest chunk
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {last.shape}")
     return chunks
 
@@ -266,7 +280,10 @@ def batch_norm_impl(
         pad_value = None if pad_value is None else float(pad_value)
     elif pad_value is not None:
         raise ValueError("bnfast.batch_norm: pad_value needs a mask (it is written where the mask is False)")
-    chunks = 1 if virtual_batch_size is None else _check_virtual_batch_size(x, virtual_batch_size, mask, training)
+    chunks = 1
+    if virtual_batch_size is not None:
+        virtual_batch_size = virtual_batch_size_of(virtual_batch_size)
+        chunks = _check_virtual_batch_size(x, virtual_batch_size, mask, training)
     ghost = chunks > 1
     residual_by_torch = residual is not None and not isinstance(residual, torch.Tensor)  # a number: torch's sum
     if residual_by_torch:
@@ -454,7 +471,7 @@ def _torch_cumulative_batch_norm(x, running_mean, running_var, weight, bias, nbt
     batch_mean, batch_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
     y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
     with torch.no_grad():
-        factor = nbt.reciprocal().to(running_mean.dtype)
+        factor = nbt.to(running_mean.dtype).reciprocal()  # int64.reciprocal() is float32: 1/3 rounded
         running_mean.lerp_(batch_mean, factor)
         running_var.lerp_(batch_var, factor)
     return y

@@ -30,7 +30,7 @@ from torch import nn
 
 from .activations import Activation, resolve_activation
 from .distributed import sync_batch_norm_impl
-from .functional import batch_norm_impl
+from .functional import batch_norm_impl, virtual_batch_size_of
 from .known import norm_act_activation, timm_norm_act_types
 
 torch.fx.wrap("batch_norm_impl")
@@ -63,10 +63,8 @@ class FusedBatchNormBase:
         activation=None,
         virtual_batch_size: int | None = None,
     ) -> None:
-        if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
-        ):
-            raise ValueError(f"virtual_batch_size must be a positive integer or None, got {virtual_batch_size!r}")
+        if virtual_batch_size is not None:
+            virtual_batch_size = virtual_batch_size_of(virtual_batch_size)
         self.activation = resolve_activation(activation)  # before super(): reset_parameters may print repr
         self.virtual_batch_size = virtual_batch_size
         if _TORCH_HAS_BN_BIAS:  # super() is the torch class (the mixin comes first in the MRO)
@@ -131,7 +129,7 @@ class FusedBatchNormBase:
             residual,
             mask,
             pad_value,
-            self.virtual_batch_size if training else None,
+            self.virtual_batch_size if bn_training else None,  # batch statistics: per chunk
         )
 
 

@@ -16,8 +16,8 @@ Ghost BatchNorm: `virtual_batch_size` G (None: off; checked by bnfast.functional
 take each chunk's update in order, and the backward is each chunk's BatchNorm backward (dweight, dbias summed).
 
 y = act(BN(x) + residual) when a residual is given. Saved for the backward: x, weight, bias, two (C,) stat
-vectors, and the residual only when an activation is fused (act'(z) needs z = BN(x) + residual; without an
-activation the residual's gradient is dy itself and nothing of it is kept).
+vectors ((chunks, C) under ghost BatchNorm), and the residual only when an activation is fused (act'(z) needs
+z = BN(x) + residual; without an activation the residual's gradient is dy itself and nothing of it is kept).
 
 Two entries, one implementation:
 - `BatchNormFunction` (autograd.Function) is the eager entry: its forward updates the running stats in place.

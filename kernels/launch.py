@@ -749,6 +749,7 @@ def bn_fwd(
     """
     y_t, mean, rstd = forward_outputs(x, training, chunk)
     ghost = mean.dim() == 2
+    assert not (ghost and mask is not None), "ghost BatchNorm takes no mask (bnfast.functional refuses the pair)"
     if mask is not None and (training or pad_value is not None):  # eval without a pad value: the mask changes nothing
         x3, y3, r3, m3, cfg = prepare(x, y_t, residual, mask_view(mask), widen=2 if x.dtype == torch.float64 else 1)
     else:

@@ -334,3 +334,41 @@ def test_readme_example_runs():
         [torch.relu((c - c.mean(0)) * torch.rsqrt(c.var(0, correction=0) + EPS)) for c in x.split(128)]
     )
     torch.testing.assert_close(bn(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_statistics_in_eval_are_per_chunk_too(kernel_path):
+    """track_running_stats=False in eval: the batch statistics are used, so chunk by chunk (as torch's module
+    called on each chunk); the module and the functional form agree."""
+    x = torch.randn(9, 3, 4, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    ours, ref = _pair(FusedBatchNorm1d, 3, torch.float64, 4, track_running_stats=False)
+    ours.eval(), ref.eval()
+    y = ours(x)
+    torch.testing.assert_close(y, _torch_chunks(ref, x, 4), **TOL[torch.float64])
+    functional = bnfast.batch_norm(x, None, None, ours.weight, ours.bias, True, eps=EPS, virtual_batch_size=4)
+    torch.testing.assert_close(y, functional, rtol=0, atol=0)
+
+
+def test_edge_inputs_torch_accepts():
+    """No channels (torch accepts them: so do we) and a numpy integer as G."""
+    import numpy as np
+
+    empty = torch.randn(5, 0, 3)
+    assert FusedBatchNorm1d(0, virtual_batch_size=2, affine=False)(empty).shape == (5, 0, 3)
+    assert nn.BatchNorm1d(0, affine=False)(empty[:2]).shape == (2, 0, 3)
+    module = FusedBatchNorm1d(3, virtual_batch_size=np.int64(2))
+    assert type(module.virtual_batch_size) is int
+    module(torch.randn(4, 3))
+    assert int(module.num_batches_tracked) == 2
+
+
+def test_fallback_cumulative_factor_in_the_buffers_dtype():
+    """momentum=None on device or under tracing (the fallback keeps the counter on device): 1/num_batches_tracked in
+    the buffers' dtype (float64 here: 1/3 rounded to float32 would be 1e-8 off)."""
+    from bnfast import functional
+
+    x = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    functional._torch_cumulative_batch_norm(x, rm, rv, None, None, torch.tensor(3), EPS)
+    mean, var = x.mean((0, 2)), x.var((0, 2))
+    torch.testing.assert_close(rm, mean / 3, rtol=1e-15, atol=1e-16)
+    torch.testing.assert_close(rv, 1 + (var - 1) / 3, rtol=1e-15, atol=1e-16)

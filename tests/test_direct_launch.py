@@ -76,6 +76,14 @@ def test_direct_launch_hands_the_launcher_exactly_what_jitfunction_run_hands_it(
     assert checks["arguments_count"] == 4 + 39  # packed and launch metadata, two hooks; the kernel's 39 (5 mask)
 
 
+def test_a_launch_plan_replays_direct_with_jitfunction_run_s_arguments(checks):
+    """bn_fwd's first call of a signature launches through JITFunction.run and captures a plan; the next calls
+    replay it direct, handing the launcher the same arguments, each tensor in the same role."""
+    assert checks["plan_planned"] == 1
+    assert checks["plan_runs"] == [1, 0, 0]
+    assert checks["plan_same_arguments"]
+
+
 def test_device_guard_switches_only_when_the_device_differs_and_restores(checks):
     """The stand-in's current device is -1 (the CPU tensors'); launches on device 0 switch to it and back,
     the others switch nothing."""

@@ -35,7 +35,7 @@ _INTERPRETED = is_interpreted()
 
 def uses_triton(x: torch.Tensor) -> bool:
     """True when `x` is computed by the Triton kernels, False when by the torch fallback."""
-    return x.is_cuda or (_INTERPRETED and x.device.type == "cpu")
+    return x.is_cuda or (_INTERPRETED and x.is_cpu)  # is_cpu: x.device.type without building a torch.device
 
 
 _is_traced = ops.is_traced
@@ -288,23 +288,6 @@ def batch_norm_impl(
             eps,
             act,
             residual,
-        )
-    if mask is None:
-        return ops.batch_norm(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            num_batches_tracked if cumulative else None,
-            training,
-            factor,
-            cumulative,
-            eps,
-            act.name,
-            act.param,
-            residual,
-            traced=traced,
         )
     return ops.batch_norm(
         x,

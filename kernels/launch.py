@@ -24,6 +24,8 @@ floats, constexprs). The first launch of a configuration goes through Triton's `
 directly, keyed on everything Triton specialises on (see "direct launch" below; BNFAST_DIRECT_LAUNCH=0 or a Triton
 other than 3.6/3.8 turns it off; the interpreter always takes kernel[grid]). Triton launches on the current
 device: `_launch` makes the tensors' device current when it is not (one integer comparison otherwise).
+`bn_fwd` / `bn_bwd` keep a launch plan per call signature (see "launch plans" below): after the first call, the
+stages' views, configuration and arguments are not rebuilt; the same launches are replayed with the call's tensors.
 
 Tests and tools steer the plan through `bnfast.testing.force_plan` (it sets `PLAN_OVERRIDE`, which is part of
 the memoised configuration's key), and record launches by swapping the kernels on `kernels.batch_norm` (stages

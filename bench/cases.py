@@ -5,8 +5,8 @@ tests/test_headline.py holds the headline selection to the cases the GPU issue a
 
 Sets (`pytest bench --bench-set NAME`, bench/conftest.py; bash bench/run_gpu.sh picks them):
 - "headline": what `bash bench/run_gpu.sh` times in one call (issue 17): fwd+bwd BN+ReLU, bnfast vs eager vs
-  torch.compile, on HEADLINE_CASES; the MNIST step on MNIST_HEADLINE_CONFIGS, every model; no SyncBatchNorm and
-  no host-overhead benchmark.
+  torch.compile, on HEADLINE_CASES; the MNIST step on MNIST_HEADLINE_CONFIGS, every model; no SyncBatchNorm, no
+  host-overhead benchmark and no BatchNorm variant (masked: VARIANT_CASES).
 - "rest": everything of "full" that "headline" does not time (`bash bench/run_gpu.sh --full`, a second call);
 - "full": all of it (the default of `pytest bench --benchmark-only`);
 - "smoke": what `--benchmark-disable` runs (any set): each body once on tiny shapes (CI, under the interpreter).
@@ -175,6 +175,49 @@ def mnist_id(batch, hidden, model) -> str:
     return f"batch{batch}-hidden{hidden}-{model}"
 
 
+# ---------------------------------------------------------------------- BatchNorm variants (bench/test_variants.py)
+# bnfast's variant of BN+ReLU fwd+bwd vs the torch snippet users write for it today (bench/variants.py), issue 22.
+# Not in the headline (issue 17's cases and time budget): the "rest" / "full" sets (`bash bench/run_gpu.sh --full`).
+@dataclasses.dataclass(frozen=True)
+class VariantCase:
+    variant: str  # a key of bench/variants.py VARIANTS: "masked" or "ghost"
+    dtype: str  # key of DTYPES
+    shape: tuple  # masked: (N, C, L); ghost: any BatchNorm input
+    chunk: int = 0  # ghost: the virtual batch size G
+
+    @property
+    def id(self) -> str:
+        name = f"ghost{self.chunk}" if self.variant == "ghost" else self.variant
+        return f"{name}-fwd+bwd-relu-{self.dtype}-{shape_id(self.shape)}"
+
+    @property
+    def base(self) -> Case:
+        """The plain BN+ReLU fwd+bwd case of the same shape (bytes, input rotation)."""
+        return Case("fwd+bwd", "relu", self.dtype, self.shape)
+
+    def min_bytes(self) -> int:
+        """BN+ReLU fwd+bwd's floor (bench/traffic.py), plus one read of the (N, L) bool mask when masked (ghost
+        BatchNorm moves the same bytes as BatchNorm)."""
+        if self.variant != "masked":
+            return self.base.min_bytes()
+        N, _, L = self.shape
+        return self.base.min_bytes() + N * L
+
+
+VARIANT_PROVIDERS = ("bnfast", "snippet")
+# masked: a speech-sized conv-module activation (batch 32, 512 channels, 1024 frames; 64 MiB in float32), lengths
+# uniform in [L/4, L]; ghost: TabNet's large-batch setting (batch 16384, virtual batches of 512: 32 chunks; 16 MiB)
+VARIANT_CASES = [
+    VariantCase("masked", "float32", (32, 512, 1024)),
+    VariantCase("ghost", "float32", (16384, 256), chunk=512),
+]
+VARIANT_SMOKE_CASES = [VariantCase("masked", "float32", (3, 4, 6)), VariantCase("ghost", "float32", (10, 4), chunk=4)]
+
+
+def variant_cases(bench_set: str) -> list[VariantCase]:
+    return {"smoke": VARIANT_SMOKE_CASES, "headline": [], "rest": VARIANT_CASES, "full": VARIANT_CASES}[bench_set]
+
+
 # ------------------------------------------------------------------------------ SyncBatchNorm and host overhead
 def sync_shapes(bench_set: str) -> list[tuple]:
     return {"smoke": SMOKE_SHAPES, "headline": [], "rest": SYNC_SHAPES, "full": SYNC_SHAPES}[bench_set]
@@ -206,6 +249,9 @@ HEAVY_SHAPES = [(256, 1024), (4096, 256), (64, 256, 1024), (8192, 64, 128)]
 CHANNELS_LAST_SHAPES = [(64, 256, 1024), (8192, 64, 128), (2, 3, 7), (130, 40, 3), (4, 64, 48)]
 # SyncBatchNorm's stages in the report
 SYNC_REPORT_SHAPES = [(32, 32), (8, 64, 128)]
+# ghost BatchNorm in the report: shape -> samples per chunk (the benchmarked case first; a single-pass (N, C) chunk,
+# a split (N, C, L) one, a channels_last-able 3-D one)
+GHOST_REPORT_CASES = {(16384, 256): 512, (4096, 64): 128, (64, 256, 1024): 8, (130, 40, 3): 32}
 
 # -------------------------------------------------------------------------------- GPU sanity check (bench/sanity.py)
 # fwd+bwd through bnfast before anything is timed, in its own process: both launch plans ((32, 32) is single-pass,

@@ -86,11 +86,14 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize(("batch", "hidden", "model"), params, ids=[cases.mnist_id(*p) for p in params])
     elif "sync_shape" in metafunc.fixturenames:
         metafunc.parametrize("sync_shape", cases.sync_shapes(chosen), ids=cases.shape_id)
+    elif "variant_case" in metafunc.fixturenames:
+        metafunc.parametrize("variant_case", cases.variant_cases(chosen), ids=lambda c: c.id)
 
 
 def pytest_collection_modifyitems(config, items):
     """Without CUDA the GPU benchmarks skip (unless --benchmark-disable). The set decides which files take part:
-    the host-overhead benchmark (CPU by design) and SyncBatchNorm are not in the headline (bench/cases.py)."""
+    the host-overhead benchmark (CPU by design), SyncBatchNorm and the variants are not in the headline
+    (bench/cases.py)."""
     chosen = bench_set(config)
     skip_cuda = pytest.mark.skip(reason=SKIP_REASON)
     keep, drop = [], []
@@ -99,8 +102,11 @@ def pytest_collection_modifyitems(config, items):
             keep.append(item)
             continue
         host = "host_overhead" in item.keywords
-        if (host and not cases.host_overhead_runs(chosen)) or (
-            "sync_shape" in getattr(item, "fixturenames", ()) and not cases.sync_shapes(chosen)
+        fixtures = getattr(item, "fixturenames", ())
+        if (
+            (host and not cases.host_overhead_runs(chosen))
+            or ("sync_shape" in fixtures and not cases.sync_shapes(chosen))
+            or ("variant_case" in fixtures and not cases.variant_cases(chosen))
         ):
             drop.append(item)
             continue

@@ -62,6 +62,7 @@ import triton.language as tl
 from bench.cases import (
     BENCH_SHAPES,
     CHANNELS_LAST_SHAPES,
+    GHOST_REPORT_CASES,
     HEAVY_SHAPES,
     LAYOUTS,
     RESNET_SHAPES,
@@ -112,6 +113,9 @@ MATRICES = {
         ([(32, 32)], [("float32", act) for act in SUPPORTED_ACTIVATIONS]),
         # the backward activations that once spilled a few bytes at full-size tiles (see launch.register_widening)
         (HEAVY_SHAPES + [(67, 5)], HEAVY_BACKWARD_VARIANTS),
+        # ghost BatchNorm (the GHOST constexpr: chunk-major grid, per-chunk pointers; the running-stats kernel),
+        # the benchmarked case among them, both plans
+        (list(GHOST_REPORT_CASES), [(d, "relu", "ghost") for d in ("float32", "bfloat16")], LAYOUTS),
     ],
     "heavy": [(HEAVY_SHAPES + [(67, 5)], HEAVY_BACKWARD_VARIANTS + [("float64", "mish")])],
     # what the benchmarks run (bench/test_batch_norm.py): the figures the GPU run reports depend on these compiling
@@ -119,6 +123,7 @@ MATRICES = {
     "bench": [
         (BENCH_SHAPES, CORE_VARIANTS),
         (RESNET_SHAPES, CORE_VARIANTS + [(d, "relu", "residual") for d in ("float32", "bfloat16")], LAYOUTS),
+        (list(GHOST_REPORT_CASES)[:1], [("float32", "relu", "ghost")]),  # bench/test_variants.py's ghost case
     ],
     "default": [
         (BENCH_SHAPES + TEST_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS),
@@ -129,7 +134,12 @@ MATRICES = {
         (BENCH_SHAPES + TEST_SHAPES + TYPICAL_SHAPES, CORE_VARIANTS + EXTRA_VARIANTS, LAYOUTS),
     ],
 }
-FINALIZE_KERNELS = ("_bn_stats_merge_kernel", "_bn_stats_finalize_kernel", "_bn_grad_finalize_kernel")  # no x tile
+FINALIZE_KERNELS = (  # no x tile
+    "_bn_stats_merge_kernel",
+    "_bn_stats_finalize_kernel",
+    "_bn_grad_finalize_kernel",
+    "_bn_running_chunks_kernel",
+)
 TILE_STORE_KERNELS = ("_bn_fwd_single_kernel", "_bn_normalize_kernel", "_bn_bwd_single_kernel", "_bn_grad_input_kernel")
 
 
@@ -190,6 +200,7 @@ def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_cou
             C = shape[1]
             x = _meta_input(shape, layout, dtype)
             residual = torch.empty_like(x) if "residual" in extra else None
+            chunk = GHOST_REPORT_CASES[shape] if "ghost" in extra else None  # ghost BatchNorm: samples per chunk
             w, b, rm, rv = (torch.empty(C, device="meta", dtype=dtype) for _ in range(4))
             for training in (True, False):
                 with recording() as log, force_plan(*plan) if plan else contextlib.nullcontext():
@@ -207,6 +218,7 @@ def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_cou
                         activation=act,
                         act_param=0.0,
                         residual=residual,
+                        chunk=chunk,
                     )
                     saved = (mean, rstd) if training else (rm, rv)
                     launch.bn_bwd(
@@ -221,6 +233,7 @@ def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_cou
                         act_param=0.0,
                         residual=residual,
                         needs_dr=residual is not None,
+                        chunk=chunk,
                     )
                     if "sync" in extra and training:
                         _record_sync_stages(launch, x, mean, rstd)
@@ -232,7 +245,9 @@ def record_launches(shapes, variants, layouts=("contiguous",), plan=None, sm_cou
                         dtype=dtype_name,
                         mode=mode,
                         sms=sms,
-                        activation=(act or "none") + ("+residual" if residual is not None else ""),
+                        activation=(act or "none")
+                        + ("+residual" if residual is not None else "")
+                        + (f"+ghost{chunk}" if chunk else ""),
                         plan=plan[0] if plan else "auto",
                     )
                     out.append(
@@ -426,12 +441,13 @@ def expects_vec128(name, shape, dtype, kwargs, layout="contiguous") -> bool:
 def benchmarked(ctx) -> bool:
     """A launch of a case the benchmarks time (bench/test_batch_norm.py): its configuration must compile without
     spills and keep >= MIN_CTAS_PER_SM CTAs per SM."""
-    return (
-        ctx["plan"] == "auto"
-        and tuple(ctx["shape"]) in BENCH_SHAPES + RESNET_SHAPES
-        and ctx["dtype"] in ("float32", "bfloat16")
-        and ctx["activation"] in ("none", "relu", "relu+residual")
-    )
+    if ctx["plan"] != "auto" or ctx["dtype"] not in ("float32", "bfloat16"):
+        return False
+    shape = tuple(ctx["shape"])
+    ghost_shape, ghost_chunk = next(iter(GHOST_REPORT_CASES.items()))  # bench/test_variants.py's ghost case
+    if shape == ghost_shape and ctx["activation"] == f"relu+ghost{ghost_chunk}":
+        return ctx["dtype"] == "float32"
+    return shape in BENCH_SHAPES + RESNET_SHAPES and ctx["activation"] in ("none", "relu", "relu+residual")
 
 
 def build_configs(matrix: str):
@@ -509,6 +525,7 @@ _KERNEL_ORDER = [
     "_bn_stats_partial_kernel",
     "_bn_stats_merge_kernel",
     "_bn_stats_finalize_kernel",
+    "_bn_running_chunks_kernel",
     "_bn_normalize_kernel",
     "_bn_bwd_single_kernel",
     "_bn_grad_partial_kernel",

@@ -20,8 +20,9 @@
 #   4. parity    the ~20 tests of bench/headline_tests.txt with BNFAST_TEST_DEVICE=cuda (both plans, train/eval, bf16,
 #                channels_last, residual, torch.compile)
 # --full: sanity again (cached compiles), the rest of the BatchNorm matrix (most wanted first, bench/cases.py),
-# SyncBatchNorm + host overhead + the other MNIST configurations, then every test of tests/ on CUDA (cut when the
-# budget runs out: all of it needs ~970 Triton compiles). The kernel report needs no GPU and never runs here
+# SyncBatchNorm + the BatchNorm variants (masked vs the torch snippet) + host overhead + the other MNIST
+# configurations, then every test of tests/ on CUDA (cut when the budget runs out: all of it needs ~970 Triton
+# compiles). The kernel report needs no GPU and never runs here
 # (`python -m bench.kernel_report` anywhere).
 #
 # Time: BNFAST_GPU_BUDGET_S (default 315 s headline, 540 s otherwise) for all stages; each has a cap and is
@@ -196,8 +197,8 @@ case $MODE in
         # the rest of the matrix takes all but 240 s (the other benchmarks 120 s, the tests what is left)
         stage bn $(($(left) - 240)) "${BENCH[@]}" bench/test_batch_norm.py --bench-set rest \
             --benchmark-json="$DEST/bench-bn-rest.json" "${EXTRA[@]}"
-        stage other 120 "${BENCH[@]}" bench/test_mnist_step.py bench/test_sync_batch_norm.py bench/test_host_overhead.py \
-            --bench-set rest --benchmark-json="$DEST/bench-other-rest.json" "${EXTRA[@]}"
+        stage other 120 "${BENCH[@]}" bench/test_mnist_step.py bench/test_sync_batch_norm.py bench/test_variants.py \
+            bench/test_host_overhead.py --bench-set rest --benchmark-json="$DEST/bench-other-rest.json" "${EXTRA[@]}"
         deselect=()
         for id in "${HEADLINE_TESTS[@]}"; do deselect+=(--deselect "$id"); done
         # bench's own CPU tests and the kernel report (no GPU needed) stay out; a module that imports a package

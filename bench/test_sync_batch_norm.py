@@ -56,14 +56,14 @@ class ForcedSync(nn.Module):
             )
         from bnfast.distributed import SyncBatchNormFunction
 
-        bn.num_batches_tracked.add_(1)
         return SyncBatchNormFunction.apply(
             x,
             bn.weight,
             bn.bias,
             bn.running_mean,
             bn.running_var,
-            None,
+            bn.num_batches_tracked,
+            True,  # count the batch (after the all_gather)
             bn.momentum,
             False,
             bn.eps,
@@ -71,6 +71,8 @@ class ForcedSync(nn.Module):
             0.0,
             self.group,
             1,
+            None,  # no mask
+            None,
         )
 
 

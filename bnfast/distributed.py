@@ -20,7 +20,20 @@ the non-synced path, `functional.batch_norm_impl`, with no communication. One co
               dx = grad_input(dy, x, sums, count=1)
 No `.item()` / `.cpu()`: nothing waits for the device (torch's SyncBatchNorm drops empty ranks by boolean
 indexing, a host sync). The accuracy is the single-device split plan's: each rank's partials are the same
-shifted (count, mean, M2) rows, and ranks merge like splits.
+shifted (count, mean, M2) rows, and ranks merge like splits. num_batches_tracked moves after the all_gather,
+just before the running stats: a call that raises changes no state.
+
+Masked (`mask=`, `pad_value=`; semantics as `bnfast.batch_norm`'s): each rank's partials are over its valid
+positions (their count is its valid count: 0 for a rank with none, which sends count-0 rows like an empty rank),
+so the gathered rows give the global valid count M, the statistics over all ranks' valid positions and the
+running variance's M/(M-1). The backward all-reduces the same (2, C) sums (the grad partials' third plane, the
+local valid count, is replaced by the gathered M) and grad_input honours the mask (a padded x is outside the
+statistics; under pad_value no gradient flows through padded outputs). Fewer than 2 valid positions over the
+group raise ValueError (torch's message) before any state changes. Only the gathered counts know M, so the
+check reads them on the host after the all_gather (one device sync per masked training call, as the non-synced
+masked check has): every rank reads the same rows, so all raise together and no rank is left waiting in a
+collective. Before the collective each rank checks only what is its own (the mask's shape, dtype, device and
+pad_value's type: a wrong one raises on that rank, as a wrong input does; a local count below 2 is legal).
 
 Bytes communicated per layer per step, ACC = 4 bytes (float32 and 16-bit inputs) or 8 (float64):
                   bnfast FusedSyncBatchNorm                 torch.nn.SyncBatchNorm
@@ -106,10 +119,13 @@ def sync_batch_norm_impl(
     num_batches_tracked,
     count_batch: bool,
     process_group,
+    mask=None,
+    pad_value=None,
 ):
     """FusedSyncBatchNorm's forward after the module's bookkeeping: `training` is the module's flag, `bn_training`
     whether batch statistics are used (training, or no buffers), `count_batch` whether to increment
-    num_batches_tracked (after the checks, so that a rejected call changes nothing)."""
+    num_batches_tracked (after the checks, so that a rejected call changes nothing); `mask`, `pad_value`: masked
+    BatchNorm (see the module docstring)."""
     if x.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
     if x.shape[1] == 0:
@@ -128,33 +144,72 @@ def sync_batch_norm_impl(
             act,
             num_batches_tracked,
             count_batch,
+            mask=mask,
+            pad_value=pad_value,
         )
     group = process_group_of(process_group)
     _check_device(x, group)
     _check_inputs(x, weight, bias, running_mean, running_var, eps)
+    if mask is not None:  # this rank's own mask; the valid count is checked over the group, after the gather
+        functional._check_mask(x, mask, False, pad_value)
+        pad_value = None if pad_value is None else float(pad_value)
+    elif pad_value is not None:
+        raise ValueError("bnfast.batch_norm: pad_value needs a mask (it is written where the mask is False)")
     cumulative = momentum is None and num_batches_tracked is not None  # without the counter: factor 0, as torch
-    if count_batch:
-        num_batches_tracked.add_(1)
     return _synced(
         x,
         weight,
         bias,
         running_mean,
         running_var,
-        num_batches_tracked if cumulative else None,
+        num_batches_tracked if cumulative or count_batch else None,
+        count_batch,
         0.0 if momentum is None else float(momentum),
         cumulative,
         eps,
         act,
         group,
         world,
+        mask,
+        pad_value,
     )
 
 
 @torch.compiler.disable
-def _synced(x, weight, bias, running_mean, running_var, nbt, momentum, cumulative, eps, act, group, world):
+def _synced(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    nbt,
+    count_batch,
+    momentum,
+    cumulative,
+    eps,
+    act,
+    group,
+    world,
+    mask,
+    pad_value,
+):
     return SyncBatchNormFunction.apply(
-        x, weight, bias, running_mean, running_var, nbt, momentum, cumulative, eps, act.name, act.param, group, world
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        nbt,
+        count_batch,
+        momentum,
+        cumulative,
+        eps,
+        act.name,
+        act.param,
+        group,
+        world,
+        mask,
+        pad_value,
     )
 
 
@@ -166,17 +221,30 @@ def _gather_rows(local: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 def _global_count(rows: torch.Tensor) -> torch.Tensor:
-    """M over the process group (every channel has the same count: channel 0's), a device scalar."""
+    """M over the process group (every channel has the same count: channel 0's; masked: the valid count), a device
+    scalar."""
     return rows[:, 0, 0].sum()
+
+
+def _check_global_count(rows: torch.Tensor, x: torch.Tensor, world: int) -> None:
+    """Masked training: fewer than 2 valid positions over the group raise torch's ValueError. A host read of the
+    gathered counts, identical on every rank: all ranks raise together (see the module docstring)."""
+    valid = int(_global_count(rows))
+    if valid < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {valid} valid position(s) over the "
+            f"{world} ranks of the process group (input size {x.shape} on this rank)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- the stages
 class _KernelStages:
-    """The launch stages (Triton kernels: CUDA tensors, or CPU tensors under the interpreter)."""
+    """The launch stages (Triton kernels: CUDA tensors, or CPU tensors under the interpreter). `m3` is the mask's
+    (N, 1, S) view beside x3 (None: unmasked), `pad` the pad value (None: padded outputs are normalised)."""
 
     @staticmethod
-    def local_stats(x, x3, cfg):
-        part, shift = launch.stats_partial(x3, cfg)
+    def local_stats(x, x3, cfg, mask=None, m3=None):
+        part, shift = launch.stats_partial(x3, cfg, m3)
         return launch.stats_merge(part, shift)
 
     @staticmethod
@@ -197,22 +265,63 @@ class _KernelStages:
         return mean, rstd
 
     @staticmethod
-    def normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act):
+    def normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act, mask=None, m3=None, pad=None):
         launch.normalize(
-            x3, y3, weight, bias, mean, rstd, cfg, stat_is_var=False, eps=0.0, activation=act.name, act_param=act.param
+            x3,
+            y3,
+            weight,
+            bias,
+            mean,
+            rstd,
+            cfg,
+            stat_is_var=False,
+            eps=0.0,
+            activation=act.name,
+            act_param=act.param,
+            m=m3,
+            pad=pad,
         )
 
     @staticmethod
-    def grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act):
+    def grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act, mask=None, m3=None, pad=None):
         part = launch.grad_partial(
-            dy3, x3, weight, bias, mean, rstd, cfg, training=True, eps=0.0, activation=act.name, act_param=act.param
+            dy3,
+            x3,
+            weight,
+            bias,
+            mean,
+            rstd,
+            cfg,
+            training=True,
+            eps=0.0,
+            activation=act.name,
+            act_param=act.param,
+            m=m3,
+            pad=pad,
         )
-        return launch.grad_finalize(part, dw, db)
+        return launch.grad_finalize(part, dw, db)  # masked: (3, C), the third row this rank's valid count
 
     @staticmethod
-    def grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, mean_sums, cfg, act):
+    def grad_input(
+        dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, mean_sums, cfg, act, mask=None, m3=None, pad=None
+    ):
+        if m3 is not None:  # the masked kernel takes 1/M from the sums' third row: the sums are means already
+            mean_sums = torch.cat([mean_sums[:2], torch.ones_like(mean_sums[:1])])
         launch.grad_input(
-            dy3, x3, dx3, weight, bias, mean, rstd, mean_sums, cfg, count=1, activation=act.name, act_param=act.param
+            dy3,
+            x3,
+            dx3,
+            weight,
+            bias,
+            mean,
+            rstd,
+            mean_sums,
+            cfg,
+            count=1,
+            activation=act.name,
+            act_param=act.param,
+            m=m3,
+            pad=pad,
         )
 
 
@@ -221,19 +330,33 @@ def _channel_rows(t: torch.Tensor, acc) -> torch.Tensor:
     return t.to(acc).transpose(0, 1).reshape(t.shape[1], -1)
 
 
+def _valid(x: torch.Tensor, mask):
+    """The mask as a channel-broadcast view of x's rank ((N, 1, *spatial)), or None."""
+    return None if mask is None else mask.unsqueeze(1)
+
+
 class _TorchStages:
     """The same stages in torch ops, for CPU tensors without the interpreter (same math, same partials; the
     normalisation and g = dy * act'(z) are ops' torch-op helpers, which the backward's slow path uses too)."""
 
     @staticmethod
-    def local_stats(x, x3, cfg):
+    def local_stats(x, x3, cfg, mask=None, m3=None):
         xc = _channel_rows(x, launch.acc_dtype(x.dtype))
-        shift = xc[:, 0]
+        if mask is None:
+            v, count = None, torch.tensor(float(xc.shape[1]), dtype=xc.dtype)
+            shift = xc[:, 0]
+        else:  # over the valid positions; none: count 0, shift 0 (the kernel's values)
+            v = mask.reshape(1, -1)
+            count = v.sum().to(xc.dtype)
+            shift = torch.where(count > 0, xc[:, v[0].to(torch.uint8).argmax()], 0.0)
         shift = torch.where(shift.abs() < float("inf"), shift, 0.0)  # NaN/inf: no shift, as the kernel
         d = xc - shift[:, None]
-        mean_rel = d.mean(1)
-        m2 = (d - mean_rel[:, None]).square().sum(1)
-        return torch.stack([torch.full_like(shift, xc.shape[1]), mean_rel, m2, shift])
+        if v is not None:
+            d = torch.where(v, d, 0.0)
+        mean_rel = d.sum(1) / count.clamp_min(1.0)
+        dev = d - mean_rel[:, None]
+        m2 = (dev if v is None else torch.where(v, dev, 0.0)).square().sum(1)
+        return torch.stack([count.expand_as(shift), mean_rel, m2, shift])
 
     @staticmethod
     def finalize(rows, running, nbt, *, eps, momentum, cumulative):
@@ -257,14 +380,24 @@ class _TorchStages:
         return mean, torch.rsqrt(var + eps)
 
     @staticmethod
-    def normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act):
+    def normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act, mask=None, m3=None, pad=None):
         _, z, _, _ = ops.torch_pre_activation(x, weight, bias, mean, rstd)
         y.copy_(act.apply(z))
+        if pad is not None:
+            y.masked_fill_(~_valid(x, mask), pad)
 
     @staticmethod
-    def grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act):
-        xhat, z, _, _ = ops.torch_pre_activation(x, weight, bias, mean, rstd)
+    def _grad(dy, x, weight, bias, mean, rstd, act, mask, pad):
+        """(xhat, g, w, shape), g zeroed at padded positions under a pad value (their y was the constant)."""
+        xhat, z, w, shape = ops.torch_pre_activation(x, weight, bias, mean, rstd)
         g = ops.torch_grad(dy, z, act)
+        if pad is not None:
+            g = torch.where(_valid(x, mask), g, 0.0)
+        return xhat, g, w, shape
+
+    @staticmethod
+    def grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act, mask=None, m3=None, pad=None):
+        xhat, g, _, _ = _TorchStages._grad(dy, x, weight, bias, mean, rstd, act, mask, pad)
         dims = [0, *range(2, x.dim())]
         sums = torch.stack([g.sum(dims), (g * xhat).sum(dims)])
         if dw is not None:
@@ -274,10 +407,14 @@ class _TorchStages:
         return sums
 
     @staticmethod
-    def grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, mean_sums, cfg, act):
-        xhat, z, w, shape = ops.torch_pre_activation(x, weight, bias, mean, rstd)
-        g = ops.torch_grad(dy, z, act)
-        dx.copy_((w * rstd).view(shape) * (g - mean_sums[0].view(shape) - xhat * mean_sums[1].view(shape)))
+    def grad_input(
+        dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, mean_sums, cfg, act, mask=None, m3=None, pad=None
+    ):
+        xhat, g, w, shape = _TorchStages._grad(dy, x, weight, bias, mean, rstd, act, mask, pad)
+        stats_term = mean_sums[0].view(shape) + xhat * mean_sums[1].view(shape)
+        if mask is not None:  # a padded x is outside the statistics: only the direct term
+            stats_term = torch.where(_valid(x, mask), stats_term, 0.0)
+        dx.copy_((w * rstd).view(shape) * (g - stats_term))
 
 
 def local_partials(x: torch.Tensor) -> torch.Tensor:
@@ -295,8 +432,10 @@ def local_partials(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- autograd
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training forward and backward over a process group (see the module docstring). Inputs: (x, weight, bias,
-    running_mean, running_var, num_batches_tracked (cumulative only), momentum, cumulative, eps, activation name,
-    activation parameter, process group, world size); returns y. The running stats are updated in place."""
+    running_mean, running_var, num_batches_tracked (cumulative, or to count the batch; else None), whether to
+    count the batch, momentum, cumulative, eps, activation name, activation parameter, process group, world
+    size, mask (or None), pad value (or None)); returns y. The running stats and num_batches_tracked are updated
+    in place, after the all_gather."""
 
     @staticmethod
     def forward(
@@ -307,6 +446,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         running_mean,
         running_var,
         nbt,
+        count_batch,
         momentum,
         cumulative,
         eps,
@@ -314,39 +454,55 @@ class SyncBatchNormFunction(torch.autograd.Function):
         act_param,
         group,
         world,
+        mask,
+        pad,
     ):
         act = Activation(activation, act_param)
         stages = _KernelStages if functional.uses_triton(x) else _TorchStages
         acc = launch.acc_dtype(x.dtype)
         C = x.shape[1]
         y = launch.new_output(x)
-        x3, y3, cfg = launch.prepare(x, y, widen=launch.register_widening(acc), split=True)
+        widen = launch.register_widening(acc)
+        if mask is not None:
+            x3, y3, m3, cfg = launch.prepare(x, y, launch.mask_view(mask), widen=widen, split=True)
+        else:
+            (x3, y3, cfg), m3 = launch.prepare(x, y, widen=widen, split=True), None
         if x.numel():
-            local = stages.local_stats(x, x3, cfg)
+            local = stages.local_stats(x, x3, cfg, mask, m3)
         else:  # no samples here: count 0, which every merge skips; the collective still needs this rank
             local = torch.zeros((4, C), dtype=acc, device=x.device)
         rows = _gather_rows(local, group, world)
+        if mask is not None:
+            _check_global_count(rows, x, world)  # every rank alike, before any state changes
+        if count_batch:
+            nbt.add_(1)
         running = (running_mean, running_var) if running_mean is not None else None
         if stages is _KernelStages and running is not None:
             running = (*running, *running)  # read and written in place
+        nbt = nbt if cumulative else None
         mean, rstd = stages.finalize(rows, running, nbt, eps=eps, momentum=momentum, cumulative=cumulative)
         if x.numel():
-            stages.normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act)
-        ctx.save_for_backward(x, weight, bias, mean, rstd, rows)
-        ctx.stages, ctx.act, ctx.group = stages, act, group
+            stages.normalize(x, x3, y, y3, weight, bias, mean, rstd, cfg, act, mask, m3, pad)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, rows, mask)
+        ctx.stages, ctx.act, ctx.group, ctx.pad = stages, act, group, pad
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, mean, rstd, rows = ctx.saved_tensors
+        x, weight, bias, mean, rstd, rows, mask = ctx.saved_tensors
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        stages, act = ctx.stages, ctx.act
+        stages, act, pad = ctx.stages, ctx.act, ctx.pad
         dx, dw, db = launch.backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db))[:3]
         widen = launch.register_widening(mean.dtype, act.name, backward=True)
-        x3, dy3, dx3, cfg = launch.prepare(x, dy, dx, widen=widen, split=True)
+        if mask is not None:
+            x3, dy3, dx3, m3, cfg = launch.prepare(x, dy, dx, launch.mask_view(mask), widen=widen, split=True)
+        else:
+            (x3, dy3, dx3, cfg), m3 = launch.prepare(x, dy, dx, widen=widen, split=True), None
+        masked = (mask, m3, pad)
         if x.numel():
-            sums = stages.grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act)
+            # masked kernels: (3, C), the third row this rank's valid count; the gathered rows hold the global one
+            sums = stages.grad_sums(dy, dy3, x, x3, weight, bias, mean, rstd, dw, db, cfg, act, *masked)[:2]
         else:  # this rank's sums are 0, and so are its dweight and dbias
             sums = torch.zeros((2, x.shape[1]), dtype=mean.dtype, device=x.device)
             for grad in (dw, db):
@@ -354,8 +510,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     grad.zero_()
         if needs_dx:  # every rank of the group takes part: all or none need dx (one model, one graph)
             dist.all_reduce(sums, group=ctx.group)
-            sums /= _global_count(rows)  # means over the global batch, on device: grad_input's count is 1
+            sums /= _global_count(rows)  # means over the global batch (its valid positions), on device
             if x.numel():
-                stages.grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, sums, cfg, act)
-        # one gradient per input: x, weight, bias; none for the buffers, the scalars, the group
-        return dx, dw, db, *(None,) * 10
+                stages.grad_input(dy, dy3, x, x3, dx, dx3, weight, bias, mean, rstd, sums, cfg, act, *masked)
+        # one gradient per input: x, weight, bias; none for the buffers, the flags, the scalars, the group, the mask
+        return dx, dw, db, *(None,) * 13

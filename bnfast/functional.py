@@ -171,6 +171,7 @@ def batch_norm(
     residual: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     pad_value: float | None = None,
+    virtual_batch_size: int | None = None,
 ) -> torch.Tensor:
     """`act(F.batch_norm(input, ...) + residual)` in fused passes, for (N, C), (N, C, L), (N, C, H, W) and
     (N, C, D, H, W) inputs in any memory format.
@@ -190,6 +191,11 @@ def batch_norm(
     not enter the statistics). `pad_value` (default None) writes that value at padded positions instead, with no
     gradient through them. In eval the mask only places `pad_value`. Fewer than 2 valid positions in training
     raise ValueError, as torch does for one value per channel.
+
+    Ghost BatchNorm: `virtual_batch_size` G (default None: off). In training, samples [0, G), [G, 2G), ... (the
+    last chunk may be shorter) are each normalised with their own statistics, and the running stats end as if
+    torch's batch_norm had been called on each chunk in order (with momentum=None, num_batches_tracked must then
+    already count every chunk: the modules add one per chunk). Eval ignores it. Not combined with a mask.
     """
     return batch_norm_impl(
         input,
@@ -206,7 +212,26 @@ def batch_norm(
         residual=residual,
         mask=mask,
         pad_value=pad_value,
+        virtual_batch_size=virtual_batch_size,
     )
+
+
+def _check_virtual_batch_size(x: torch.Tensor, chunk, mask, training: bool) -> int:
+    """Ghost BatchNorm's G: a positive integer (ValueError otherwise), without a mask; in training every chunk
+    must hold more than one value per channel (torch's ValueError and message for the shortest chunk, the last).
+    Returns the number of chunks (1 in eval, where G changes nothing)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"bnfast.batch_norm: virtual_batch_size must be a positive integer or None, got {chunk!r}")
+    if mask is not None:
+        raise ValueError("bnfast.batch_norm: virtual_batch_size and mask cannot be combined")
+    if not training:
+        return 1
+    N = x.shape[0]
+    chunks = -(-N // chunk)
+    last = x[(chunks - 1) * chunk :]
+    if N and last.numel() == last.shape[1]:  # one value per channel in a chunk (what torch's batch_norm refuses)
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {last.shape}")
+    return chunks
 
 
 def batch_norm_impl(
@@ -225,10 +250,11 @@ def batch_norm_impl(
     residual: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     pad_value: float | None = None,
+    virtual_batch_size: int | None = None,
 ):
     """`batch_norm` with a resolved activation; `count_batch` increments num_batches_tracked (the modules'
-    `+= 1`) after the checks, so that a rejected call changes nothing; `input_dims` are the dims a module
-    accepts (its `_check_input_dim`, with torch's message)."""
+    `+= 1`, once per chunk under ghost BatchNorm) after the checks, so that a rejected call changes nothing;
+    `input_dims` are the dims a module accepts (its `_check_input_dim`, with torch's message)."""
     if input_dims is not None and x.dim() not in input_dims:
         expected = " or ".join(f"{d}D" for d in input_dims)
         raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
@@ -240,6 +266,8 @@ def batch_norm_impl(
         pad_value = None if pad_value is None else float(pad_value)
     elif pad_value is not None:
         raise ValueError("bnfast.batch_norm: pad_value needs a mask (it is written where the mask is False)")
+    chunks = 1 if virtual_batch_size is None else _check_virtual_batch_size(x, virtual_batch_size, mask, training)
+    ghost = chunks > 1
     residual_by_torch = residual is not None and not isinstance(residual, torch.Tensor)  # a number: torch's sum
     if residual_by_torch:
         torch.broadcast_shapes(x.shape, torch.as_tensor(residual).shape)  # torch's error for a non-number
@@ -254,10 +282,25 @@ def batch_norm_impl(
             f"shape {tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}"
         )
     if count_batch:
-        num_batches_tracked.add_(1)
+        num_batches_tracked.add_(chunks if ghost else 1)
     factor = 0.0 if momentum is None or not training else float(momentum)
     traced = _is_traced(x)
     if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()) or residual_by_torch:
+        if ghost:
+            return _torch_ghost_batch_norm(
+                x,
+                virtual_batch_size,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                factor,
+                cumulative,
+                num_batches_tracked,
+                eps,
+                act,
+                residual,
+            )
         if mask is not None:
             return _torch_masked_batch_norm(
                 x,
@@ -305,6 +348,7 @@ def batch_norm_impl(
         residual,
         mask,
         pad_value,
+        virtual_batch_size if ghost else None,
         traced=traced,
     )
 
@@ -351,6 +395,26 @@ def _torch_masked_batch_norm(
         z = z + bias.to(acc).view(shape)
     y = act.apply(z.to(x.dtype) if residual is None else z.to(x.dtype) + residual)
     return y if pad_value is None else torch.where(valid, y, torch.tensor(pad_value, dtype=y.dtype, device=y.device))
+
+
+def _torch_ghost_batch_norm(
+    x, chunk, running_mean, running_var, weight, bias, factor, cumulative, nbt, eps, act: Activation, residual
+):
+    """The fallback of ghost BatchNorm: torch's batch_norm on each chunk in order (running stats and, with
+    momentum=None, the factor 1/num_batches_tracked of each chunk's own call), then the residual add and the
+    activation on the whole."""
+    chunks = -(-x.shape[0] // chunk)
+    zs = []
+    for g, n in enumerate(range(0, x.shape[0], chunk)):
+        counted = nbt - (chunks - 1 - g) if cumulative else nbt  # the counter as torch's call on chunk g sees it
+        zs.append(
+            _torch_batch_norm(
+                x[n : n + chunk], running_mean, running_var, weight, bias, True, factor, cumulative, counted, eps,
+                Activation(""),
+            )
+        )  # fmt: skip
+    z = torch.cat(zs)
+    return act.apply(z if residual is None else z + residual)
 
 
 def _torch_batch_norm(

@@ -47,6 +47,7 @@ class FusedBatchNormBase:
     """
 
     _INPUT_DIMS: tuple[int, ...] = ()
+    virtual_batch_size: int | None = None  # ghost BatchNorm (FusedBatchNorm1d/2d/3d's constructor); None: off
 
     def __init__(
         self,
@@ -60,8 +61,14 @@ class FusedBatchNormBase:
         *,
         bias: bool = True,
         activation=None,
+        virtual_batch_size: int | None = None,
     ) -> None:
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
+        ):
+            raise ValueError(f"virtual_batch_size must be a positive integer or None, got {virtual_batch_size!r}")
         self.activation = resolve_activation(activation)  # before super(): reset_parameters may print repr
+        self.virtual_batch_size = virtual_batch_size
         if _TORCH_HAS_BN_BIAS:  # super() is the torch class (the mixin comes first in the MRO)
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         else:  # older torch: no bias keyword; drop the bias ourselves
@@ -70,7 +77,8 @@ class FusedBatchNormBase:
                 self.register_parameter("bias", None)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation!r}"
+        ghost = f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{ghost}"
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
@@ -126,6 +134,7 @@ class FusedBatchNormBase:
             residual,
             mask,
             pad_value,
+            self.virtual_batch_size if training else None,
         )
 
 
@@ -267,22 +276,24 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
     ) -> torch.Tensor:
         """act(SyncBN(input) + residual); `residual` (optional: what `bnfast.fuse` passes to a FusedBatchNorm2d
         converted by `convert_sync_batchnorm` afterwards) is added by torch, before the activation: the synced
-        stages take none. `mask` / `pad_value` (masked BatchNorm) are not supported here yet."""
-        if mask is not None or pad_value is not None:
-            raise NotImplementedError(
-                "bnfast: FusedSyncBatchNorm does not support mask=/pad_value= yet (masked statistics across ranks); "
-                "use FusedBatchNorm1d/2d/3d for masked BatchNorm"
-            )
-        leaf = _fx_leaf(self, input, residual)
+        stages take none. `mask` / `pad_value`: masked BatchNorm (see `bnfast.batch_norm`), the statistics over
+        the valid positions of every rank (each rank's partials carry its valid count: bnfast/distributed.py)."""
+        leaf = _fx_leaf(self, input, residual, mask, pad_value)
         if leaf is not None:
             return leaf
         if residual is not None:
             if not isinstance(residual, torch.fx.Proxy) and not isinstance(input, torch.fx.Proxy):
                 torch.broadcast_shapes(input.shape, residual.shape)  # torch's error, before any state changes
-            return self.activation.apply(self._sync_batch_norm(input, Activation("")) + residual)
-        return self._sync_batch_norm(input, self.activation)
+            if pad_value is not None and (mask is None or not isinstance(pad_value, (int, float))):
+                raise ValueError(f"bnfast.batch_norm: pad_value needs a mask and must be a number, got {pad_value!r}")
+            y = self.activation.apply(self._sync_batch_norm(input, Activation(""), mask) + residual)
+            if pad_value is None:
+                return y
+            # the pad value replaces act(z + residual) where the mask is False; no gradient flows there
+            return torch.where(mask.unsqueeze(1), y, torch.tensor(float(pad_value), dtype=y.dtype, device=y.device))
+        return self._sync_batch_norm(input, self.activation, mask, pad_value)
 
-    def _sync_batch_norm(self, input: torch.Tensor, activation: Activation) -> torch.Tensor:
+    def _sync_batch_norm(self, input: torch.Tensor, activation: Activation, mask=None, pad_value=None) -> torch.Tensor:
         count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
@@ -300,6 +311,8 @@ class FusedSyncBatchNorm(FusedBatchNormBase, nn.SyncBatchNorm):
             self.num_batches_tracked,
             count_batch,
             self.process_group,
+            mask,
+            pad_value,
         )
 
     @classmethod
@@ -352,7 +365,8 @@ def _sync_activation(module: nn.Module) -> Activation | None:
     if kind in _SYNC_CONVERTIBLE:
         return Activation("")
     if kind in (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedSyncBatchNorm):
-        return module.activation
+        # ghost BatchNorm normalises chunks of this rank's batch: synchronising would change what it computes
+        return module.activation if module.virtual_batch_size is None else None
     timm = timm_norm_act_types()
     if kind in (timm.get("BatchNormAct2d"), timm.get("SyncBatchNormAct")):
         return norm_act_activation(module)

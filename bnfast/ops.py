@@ -1,14 +1,19 @@
 """Autograd for the Triton path: one forward, one setup, one backward, shared by the eager and the traced entry.
 
     bnfast::batch_norm           (x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                  momentum, cumulative, eps, activation, act_param, residual, mask, pad_value)
+                                  momentum, cumulative, eps, activation, act_param, residual, mask, pad_value,
+                                  virtual_batch_size)
                                   -> (y, save_mean, save_rstd, new_running_mean, new_running_var)
     bnfast::batch_norm_backward  (dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param,
-                                  output_mask, mask, pad_value) -> (dx, dweight, dbias, dresidual)
+                                  output_mask, mask, pad_value, virtual_batch_size) -> (dx, dweight, dbias, dresidual)
 
 Masked BatchNorm: `mask` (x's shape without the channel dim, bool; checked by bnfast.functional) restricts the
 training statistics to its True positions, and `pad_value` (None: normalise them too) is written at the others;
 the mask is saved for the backward when it matters there (training, or a pad value).
+
+Ghost BatchNorm: `virtual_batch_size` G (None: off; checked by bnfast.functional) normalises samples [0, G),
+[G, 2G), ... with their own statistics in training: save_mean/save_rstd are then (chunks, C), the running stats
+take each chunk's update in order, and the backward is each chunk's BatchNorm backward (dweight, dbias summed).
 
 y = act(BN(x) + residual) when a residual is given. Saved for the backward: x, weight, bias, two (C,) stat
 vectors, and the residual only when an activation is fused (act'(z) needs z = BN(x) + residual; without an
@@ -76,6 +81,7 @@ class BatchNormInputs(NamedTuple):
     residual: Tensor | None = None
     mask: Tensor | None = None
     pad_value: float | None = None
+    virtual_batch_size: int | None = None
 
 
 _RESIDUAL = BatchNormInputs._fields.index("residual")  # the one input after the non-differentiable ones
@@ -114,6 +120,7 @@ def batch_norm_op(
     residual: Tensor | None = None,
     mask: Tensor | None = None,
     pad_value: float | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, save_mean, save_rstd, new_running_mean, new_running_var); see the module docstring."""
     new_mean, new_var = _new_running(x, running_mean, running_var, training)
@@ -135,6 +142,7 @@ def batch_norm_op(
         residual=residual,
         mask=mask,
         pad_value=pad_value,
+        chunk=virtual_batch_size,
     )
     return y, mean, rstd, new_mean, new_var
 
@@ -142,7 +150,10 @@ def batch_norm_op(
 @batch_norm_op.register_fake
 def _(*args, **kwargs):
     i = BatchNormInputs(*args, **kwargs)
-    return (*launch.forward_outputs(i.x, i.training), *_new_running(i.x, i.running_mean, i.running_var, i.training))
+    return (
+        *launch.forward_outputs(i.x, i.training, i.virtual_batch_size),
+        *_new_running(i.x, i.running_mean, i.running_var, i.training),
+    )
 
 
 @torch.library.custom_op("bnfast::batch_norm_backward", mutates_args=())
@@ -161,6 +172,7 @@ def batch_norm_backward_op(
     output_mask: list[bool],
     mask: Tensor | None = None,
     pad_value: float | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual); (mean, stat) = (save_mean, save_rstd) in training, the running stats in
     eval; output_mask has 4 entries (dresidual only with an activation: otherwise it is dy, see `_backward`)."""
@@ -182,6 +194,7 @@ def batch_norm_backward_op(
         needs_dr=output_mask[3],
         mask=mask,
         pad_value=pad_value,
+        chunk=virtual_batch_size,
     )
     return tuple(g if g is not None else _none(x) for g in grads)
 
@@ -202,6 +215,7 @@ def _(
     output_mask,
     mask=None,
     pad_value=None,
+    virtual_batch_size=None,
 ):
     grads = launch.backward_outputs(x, weight, bias, output_mask, residual)
     return tuple(g if g is not None else _none(x) for g in grads)
@@ -227,6 +241,7 @@ def _save(ctx, i: BatchNormInputs, mean, rstd, residual_index: int):
         ctx.save_for_backward(i.x, i.weight, i.bias, i.running_mean, i.running_var, kept_residual, kept_mask)
     ctx.training, ctx.eps, ctx.activation, ctx.act_param = i.training, i.eps, i.activation, i.act_param
     ctx.pad_value = i.pad_value
+    ctx.chunk = i.virtual_batch_size if i.training else None
 
 
 def _backward(ctx, dy, *_stat_grads):
@@ -253,6 +268,7 @@ def _backward(ctx, dy, *_stat_grads):
             (*needs[:3], needs_dr),
             mask,
             ctx.pad_value,
+            ctx.chunk,
         )
     elif type(dy) is torch.Tensor and type(x) is torch.Tensor:
         dx, dw, db, dr = launch.bn_bwd(
@@ -273,6 +289,7 @@ def _backward(ctx, dy, *_stat_grads):
             needs_dr=needs_dr,
             mask=mask,
             pad_value=ctx.pad_value,
+            chunk=ctx.chunk,
         )
     else:  # traced (fake/functional tensors): through the op, which torch can trace
         wanted = [*needs[:3], needs_dr]
@@ -291,6 +308,7 @@ def _backward(ctx, dy, *_stat_grads):
             wanted,
             mask,
             ctx.pad_value,
+            ctx.chunk,
         )
         dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, wanted, strict=True))
     if wants_dr and not ctx.activation:
@@ -328,11 +346,50 @@ def torch_grad(dy, z, act: Activation):
 
 
 def _backward_torch(
-    dy, x, weight, bias, mean, stat, residual, training, eps, activation, act_param, needs, mask=None, pad_value=None
+    dy,
+    x,
+    weight,
+    bias,
+    mean,
+    stat,
+    residual,
+    training,
+    eps,
+    activation,
+    act_param,
+    needs,
+    mask=None,
+    pad_value=None,
+    chunk=None,
 ):
     """The backward's math in differentiable torch ops (the slow path; see the module docstring). In training,
     mean and rstd are recomputed from x so that a second derivative sees their dependence on x (over the mask's
-    valid positions when there is one)."""
+    valid positions when there is one; per chunk of `chunk` samples under ghost BatchNorm)."""
+    if training and chunk is not None and chunk < x.shape[0]:
+        parts = [
+            _backward_torch(
+                dy[n : n + chunk],
+                x[n : n + chunk],
+                weight,
+                bias,
+                None,
+                None,
+                None if residual is None else residual[n : n + chunk],
+                training,
+                eps,
+                activation,
+                act_param,
+                needs,
+            )
+            for n in range(0, x.shape[0], chunk)
+        ]
+        dx, dw, db, dr = (list(p) for p in zip(*parts, strict=True))
+        return (
+            torch.cat(dx) if needs[0] else None,
+            sum(dw[1:], dw[0]) if dw[0] is not None else None,
+            sum(db[1:], db[0]) if db[0] is not None else None,
+            torch.cat(dr) if dr[0] is not None else None,
+        )
     acc = launch.acc_dtype(x.dtype)
     dims = [0, *range(2, x.dim())]
     shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -406,6 +463,7 @@ class BatchNormFunction(torch.autograd.Function):
             residual=i.residual,
             mask=i.mask,
             pad_value=i.pad_value,
+            chunk=i.virtual_batch_size,
         )
         _save(ctx, i, mean, rstd, _EAGER_RESIDUAL)
         return y

@@ -23,6 +23,15 @@ c stride 0: 1 byte per (n, s) per tile; PAD: pad_value p written where v = 0):
                       `_bn_grad_finalize` sums it (HAS_COUNT), `_bn_grad_input` takes 1/M from it (no host sync).
     Eval:             the mask changes nothing but PAD (the statistics are the running ones).
     HAS_MASK=False (and PAD=False) compiles to exactly the unmasked code: every masked branch is a constexpr if.
+Ghost BatchNorm (GHOST, training only; `chunk` = rows of the (N, C, S) view per chunk, the last chunk shorter):
+    every chunk [g*chunk, min((g+1)*chunk, N)) is a BatchNorm of its own: mean, var, rstd, M and the backward's
+    sums per (chunk, channel), so the chunk is one more reduction axis, not a loop. Grid axis 0 runs over (chunk,
+    channel block), chunk-major; each program offsets its pointers to its chunk's first row and its row of the
+    (chunks, C) statistics, and runs the unchanged tile code on N = the chunk's rows. Same passes and traffic as
+    BatchNorm; the running stats move chunk by chunk in chunk order (`_bn_running_chunks_kernel`, one program per
+    channel block: (1-f)*running + f*batch per chunk, rounded to the buffers' dtype each time, as torch's module
+    called on each chunk would), and dweight, dbias are the chunks' sums added in chunk order
+    (`_bn_grad_finalize_kernel`). GHOST=False compiles to exactly the code without it.
 
 Accuracy. Variance is never E[x^2]-E[x]^2. A tile's (count, mean, M2 = sum of squared deviations) is exact
 up to rounding, tiles merge with Chan's formula, and splits with the parallel formula
@@ -54,6 +63,8 @@ Passes and launches per plan (chosen by `kernels.launch`):
                   finalize -> _bn_normalize (3)          finalize -> _bn_grad_input (3)    bwd x and dy twice
     eval forward  _bn_normalize (1): one read, one write.
     eval backward single-pass: _bn_bwd_single (1); split: _bn_grad_partial (writes dx too) -> _bn_grad_finalize.
+    ghost         as above, whatever the number of chunks, plus _bn_running_chunks after the statistics (with
+                  running stats) and, single-pass backward, _bn_grad_finalize (dweight, dbias over the chunks)
 "single-pass": one program holds a channel block's whole column in registers. "split": grid (channel blocks,
 splits); each program walks the tiles t = split, split + K, ... of its channel block, so even C = 32 fills a
 132-SM GPU; dx needs the global sums before any element can be written, and x, dy do not fit on chip, so the
@@ -158,6 +169,23 @@ def _tile_origin(t, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
 @triton.jit
 def _num_tiles(N, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     return tl.cdiv(N, BLOCK_N) * tl.cdiv(S, BLOCK_S)
+
+
+@triton.jit
+def _ghost_block(C, BLOCK_C: tl.constexpr):
+    """GHOST: grid axis 0 runs over (chunk, channel block), chunk-major (axis 0 has no 65535 limit, so any number
+    of chunks fits): (channel block, chunk g) of this program."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    return pid % c_blocks, pid // c_blocks
+
+
+@triton.jit
+def _ghost_rows(g, N, chunk):
+    """Chunk g's first row (int64: g * chunk * stride_n can pass 2**31) and its row count: rows
+    [g * chunk, min((g + 1) * chunk, N)) of the (N, C, S) view; the last chunk may be shorter."""
+    row0 = (tl.zeros([], tl.int64) + g) * chunk  # (g is an int in the interpreter's loops)
+    return row0, tl.minimum(N - row0, chunk)
 
 
 @triton.jit
@@ -377,18 +405,32 @@ def _stats_rows(part_ptr, shift_ptr, shift, k0, num_rows, stride_row, stride_pla
 # ----------------------------------------------------------------------------------------- forward kernels
 @triton.jit
 def _bn_fwd_single_kernel(
-    y_ptr, mean_ptr, rstd_ptr,  # outputs; mean/rstd (C,) in ACC
+    y_ptr, mean_ptr, rstd_ptr, var_ptr,  # outputs; mean/rstd (C,) in ACC; GHOST: (chunks, C), and var too
     x_ptr, w_ptr, b_ptr, r_ptr, rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, m_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
-    stride_w, stride_b, stride_rm, stride_rv, stride_rmo, stride_rvo, stride_mn, stride_ms,
+    stride_w, stride_b, stride_rm, stride_rv, stride_rmo, stride_rvo, stride_mn, stride_ms, chunk,
     eps: tl.float64, momentum: tl.float64, act_param: tl.float64, pad_value: tl.float64,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     CUMULATIVE: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, PAD: tl.constexpr,
+    GHOST: tl.constexpr,
 ):
     """Single-pass training forward: the channel block's whole column is one tile, x is read once. HAS_MASK: the
-    statistics run over the mask's valid lanes (M = their count); PAD writes pad_value at padded positions."""
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    statistics run over the mask's valid lanes (M = their count); PAD writes pad_value at padded positions.
+    GHOST: the program's column is one chunk of rows, with its own statistics; UPDATE_RUNNING then stores the
+    chunk's variance for `_bn_running_chunks_kernel` instead of updating the running stats."""
+    if GHOST:
+        block, ci = _ghost_block(C, BLOCK_C)
+        row0, N = _ghost_rows(ci, N, chunk)
+        x_ptr += row0 * stride_xn
+        y_ptr += row0 * stride_yn
+        r_ptr += row0 * stride_rn
+        mean_ptr += ci.to(tl.int64) * C
+        rstd_ptr += ci.to(tl.int64) * C
+        var_ptr += ci.to(tl.int64) * C
+    else:
+        block = tl.program_id(0)
+    c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
     x, mask = _load_tile(x_ptr, 0, 0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs, ACC, BLOCK_N, BLOCK_S)
     if HAS_MASK:
         valid = _load_valid(m_ptr, 0, 0, c_offs, N, C, S, stride_mn, stride_ms, BLOCK_N, BLOCK_S)
@@ -405,8 +447,11 @@ def _bn_fwd_single_kernel(
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
     tl.store(rstd_ptr + c_offs, rstd, mask=c_mask)
     if UPDATE_RUNNING:
-        _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
-                              stride_rmo, stride_rvo, mean, var, M, momentum, CUMULATIVE, ACC)
+        if GHOST:  # the running stats move chunk by chunk, in order: _bn_running_chunks_kernel, from (mean, var)
+            tl.store(var_ptr + c_offs, var, mask=c_mask)
+        else:
+            _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
+                                  stride_rmo, stride_rvo, mean, var, M, momentum, CUMULATIVE, ACC)
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
     if HAS_MASK:  # every position is normalised, padded ones too
         centered = tl.where(mask, x - _bcast(mean), 0.0)
@@ -421,12 +466,22 @@ def _bn_fwd_single_kernel(
 @triton.jit
 def _bn_stats_partial_kernel(
     part_ptr, shift_ptr,  # outputs: (3, K, C) count / mean of (x - shift) / M2, and shift (C,); ACC
-    x_ptr, m_ptr, N, C, S, stride_xn, stride_xc, stride_xs, stride_mn, stride_ms,
+    x_ptr, m_ptr, N, C, S, stride_xn, stride_xc, stride_xs, stride_mn, stride_ms, chunk,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
+    GHOST: tl.constexpr,
 ):
     """Split stage 1: (count, mean, M2) of x - shift over this split's tiles, tiles merged with Chan's formula.
-    HAS_MASK: over the mask's valid lanes only (the counts are theirs; a tile with none adds nothing)."""
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    HAS_MASK: over the mask's valid lanes only (the counts are theirs; a tile with none adds nothing).
+    GHOST: over one chunk of rows; part is (chunks, 3, K, C) and shift (chunks, C)."""
+    if GHOST:
+        block, ci = _ghost_block(C, BLOCK_C)
+        row0, N = _ghost_rows(ci, N, chunk)
+        x_ptr += row0 * stride_xn
+        part_ptr += ci.to(tl.int64) * 3 * tl.num_programs(1) * C
+        shift_ptr += ci.to(tl.int64) * C
+    else:
+        block = tl.program_id(0)
+    c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -484,16 +539,27 @@ def _bn_stats_merge_kernel(
 
 @triton.jit
 def _bn_stats_finalize_kernel(
-    mean_ptr, rstd_ptr,  # outputs, (C,) in ACC
+    mean_ptr, rstd_ptr, var_ptr,  # outputs, (C,) in ACC; GHOST: (chunks, C), and var
     part_ptr, shift_ptr, rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr,
     C, num_splits, stride_part_row, stride_part_plane, stride_shift_row, stride_rm, stride_rv, stride_rmo, stride_rvo,
     eps: tl.float64, momentum: tl.float64,
     ROW_SHIFTS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, GHOST: tl.constexpr,
 ):
     """Split stage 2: merge the K rows in a fixed order (parallel formula); mean, rstd, running stats. The rows
-    are one device's splits (one shift), or SyncBatchNorm's gathered ranks (ROW_SHIFTS: a shift per row)."""
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    are one device's splits (one shift), or SyncBatchNorm's gathered ranks (ROW_SHIFTS: a shift per row).
+    GHOST: one chunk's (3, K, C) block of the (chunks, 3, K, C) partials per program, mean/rstd/var (chunks, C);
+    UPDATE_RUNNING then stores the variance (see _bn_fwd_single_kernel)."""
+    if GHOST:
+        block, ci = _ghost_block(C, BLOCK_C)
+        part_ptr += ci.to(tl.int64) * 3 * stride_part_plane
+        shift_ptr += ci.to(tl.int64) * C
+        mean_ptr += ci.to(tl.int64) * C
+        rstd_ptr += ci.to(tl.int64) * C
+        var_ptr += ci.to(tl.int64) * C
+    else:
+        block = tl.program_id(0)
+    c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     total, mean_rel, m2, shift = _merge_stats(part_ptr, shift_ptr, num_splits, stride_part_row, stride_part_plane,
                                               stride_shift_row, c_offs, C, ROW_SHIFTS, ACC, BLOCK_SPLITS)
@@ -503,8 +569,47 @@ def _bn_stats_finalize_kernel(
     tl.store(mean_ptr + c_offs, mean, mask=c_mask)
     tl.store(rstd_ptr + c_offs, _rsqrt_eps(var, eps, ACC), mask=c_mask)
     if UPDATE_RUNNING:
-        _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
-                              stride_rmo, stride_rvo, mean, var, safe_total, momentum, CUMULATIVE, ACC)
+        if GHOST:
+            tl.store(var_ptr + c_offs, var, mask=c_mask)
+        else:
+            _update_running_stats(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, c_offs, C, stride_rm, stride_rv,
+                                  stride_rmo, stride_rvo, mean, var, safe_total, momentum, CUMULATIVE, ACC)
+
+
+@triton.jit
+def _bn_running_chunks_kernel(
+    rm_out_ptr, rv_out_ptr,  # outputs (C,) in the buffers' dtype: the same tensors as rm, rv when in place
+    rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr,  # mean, var: (chunks, C) in ACC, each chunk's batch statistics
+    N, C, S, chunk, stride_rm, stride_rv, stride_rmo, stride_rvo,
+    momentum: tl.float64,
+    CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Ghost BatchNorm's running stats: the chunks' updates applied one after another in chunk order, each rounded
+    to the buffers' dtype, as torch's BatchNorm called on each chunk in turn applies them. M of chunk g is its
+    rows * S; CUMULATIVE: chunk g's factor is 1/(num_batches_tracked - chunks + 1 + g), the counter having been
+    advanced by one per chunk (as torch's module advances it per call)."""
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    c = c_offs.to(tl.int64)  # strided views, as in _load_vec
+    rm = tl.load(rm_ptr + c * stride_rm, mask=c_mask, other=0.0)
+    rv = tl.load(rv_ptr + c * stride_rv, mask=c_mask, other=0.0)
+    num_chunks = tl.cdiv(N, chunk)
+    if CUMULATIVE:
+        counted_before = tl.load(nbt_ptr).to(ACC) - num_chunks
+    for g in range(num_chunks):
+        _, rows = _ghost_rows(g, N, chunk)
+        M = (rows * S).to(ACC)  # >= 2, checked on the host
+        if CUMULATIVE:
+            factor = _div_rn(tl.full([], 1.0, ACC), counted_before + (g + 1))
+        else:
+            factor = tl.full([], momentum, ACC)
+        mean = tl.load(mean_ptr + g * C + c_offs, mask=c_mask, other=0.0)
+        var = tl.load(var_ptr + g * C + c_offs, mask=c_mask, other=0.0)
+        unbiased_var = var * _div_rn(M, tl.maximum(M - 1.0, 1.0))
+        rm = ((1.0 - factor) * rm.to(ACC) + factor * mean).to(rm_ptr.dtype.element_ty)
+        rv = ((1.0 - factor) * rv.to(ACC) + factor * unbiased_var).to(rv_ptr.dtype.element_ty)
+    tl.store(rm_out_ptr + c * stride_rmo, rm, mask=c_mask)
+    tl.store(rv_out_ptr + c * stride_rvo, rv, mask=c_mask)
 
 
 @triton.jit
@@ -512,15 +617,26 @@ def _bn_normalize_kernel(
     y_ptr,  # output
     x_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr, m_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
-    stride_w, stride_b, stride_mean, stride_stat, stride_mn, stride_ms,
+    stride_w, stride_b, stride_mean, stride_stat, stride_mn, stride_ms, chunk,
     eps: tl.float64, act_param: tl.float64, pad_value: tl.float64,
     STAT_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PAD: tl.constexpr, GHOST: tl.constexpr,
 ):
     """Split stage 3 (train) and the whole eval forward: y = act((x - mean) * rstd * w + b [+ r]), one pass.
-    PAD: pad_value where the mask is False (the mask is read only then)."""
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    PAD: pad_value where the mask is False (the mask is read only then). GHOST: one chunk of rows per program,
+    with that chunk's row of the (chunks, C) mean and rstd."""
+    if GHOST:
+        block, ci = _ghost_block(C, BLOCK_C)
+        row0, N = _ghost_rows(ci, N, chunk)
+        x_ptr += row0 * stride_xn
+        y_ptr += row0 * stride_yn
+        r_ptr += row0 * stride_rn
+        mean_ptr += ci.to(tl.int64) * C
+        stat_ptr += ci.to(tl.int64) * C
+    else:
+        block = tl.program_id(0)
+    c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps, STAT_IS_VAR, ACC)
@@ -556,17 +672,34 @@ def _bn_bwd_single_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr, m_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
     stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b, stride_mean, stride_stat,
-    stride_mn, stride_ms,
+    stride_mn, stride_ms, chunk,
     eps: tl.float64, act_param: tl.float64,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DR: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, PAD: tl.constexpr,
+    GHOST: tl.constexpr,
 ):
     """Single-pass backward: x and dy read once. Eval (TRAINING=False) reads the running stats (var, not rstd).
     HAS_MASK: M = the valid count and the statistics' terms of dx only at valid positions; PAD: g = 0 at padded
-    positions (their output was the constant)."""
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    positions (their output was the constant). GHOST (training): one chunk of rows per program, with its own
+    statistics and M; dw_ptr and db_ptr are then planes 1 and 0 of a (2, chunks, C) partial in ACC (the chunk's
+    sums, added up over chunks by _bn_grad_finalize_kernel)."""
+    if GHOST:
+        block, ci = _ghost_block(C, BLOCK_C)
+        row0, N = _ghost_rows(ci, N, chunk)
+        x_ptr += row0 * stride_xn
+        dy_ptr += row0 * stride_dyn
+        dx_ptr += row0 * stride_dxn
+        r_ptr += row0 * stride_rn
+        dr_ptr += row0 * stride_drn
+        mean_ptr += ci.to(tl.int64) * C
+        stat_ptr += ci.to(tl.int64) * C
+        dw_ptr += ci.to(tl.int64) * C
+        db_ptr += ci.to(tl.int64) * C
+    else:
+        block = tl.program_id(0)
+    c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps, not TRAINING, ACC)
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
@@ -608,18 +741,34 @@ def _bn_grad_partial_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, stat_ptr, m_ptr,  # count); dx and dr (= g) only in eval
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
     stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b, stride_mean, stride_stat,
-    stride_mn, stride_ms,
+    stride_mn, stride_ms, chunk,
     eps: tl.float64, act_param: tl.float64,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DR: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, PAD: tl.constexpr,
+    GHOST: tl.constexpr,
 ):
     """Backward split stage 1: per split, sum g and sum g*xhat. Eval: dx = w*rstd*g (and dr = g) need no global
     sum, so they are written here, in the same pass. HAS_MASK: a third plane, the split's valid count (grad_input's
-    M, with no host sync); PAD: g = 0 at padded positions."""
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    M, with no host sync); PAD: g = 0 at padded positions. GHOST (training): one chunk of rows per program; its
+    rows are chunk * K + split of the (2, chunks * K, C) part (chunk-major within each plane)."""
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
+    if GHOST:
+        block, ci = _ghost_block(C, BLOCK_C)
+        num_rows = tl.cdiv(N, chunk) * num_splits  # rows per plane: chunks * K
+        row0, N = _ghost_rows(ci, N, chunk)
+        x_ptr += row0 * stride_xn
+        dy_ptr += row0 * stride_dyn
+        r_ptr += row0 * stride_rn
+        mean_ptr += ci.to(tl.int64) * C
+        stat_ptr += ci.to(tl.int64) * C
+        row_base = ci.to(tl.int64) * num_splits  # this chunk's first row in each plane
+    else:
+        block = tl.program_id(0)
+        row_base = 0
+        num_rows = num_splits
+    c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
     mean, rstd = _load_stats(mean_ptr, stat_ptr, c_offs, C, stride_mean, stride_stat, eps, not TRAINING, ACC)
     w, b = _load_affine(w_ptr, b_ptr, c_offs, C, stride_w, stride_b, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_g = tl.zeros([BLOCK_C], ACC)
@@ -644,29 +793,41 @@ def _bn_grad_partial_kernel(
                 _store_tile(dx_ptr, dx, n0, s0, c_offs, N, C, S, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S)
             if COMPUTE_DR:
                 _store_tile(dr_ptr, g, n0, s0, c_offs, N, C, S, stride_drn, stride_drc, stride_drs, BLOCK_N, BLOCK_S)
-    row = split * C + c_offs
+    row = (row_base + split) * C + c_offs
     c_mask = c_offs < C
     tl.store(part_ptr + row, sum_g, mask=c_mask)
-    tl.store(part_ptr + num_splits * C + row, sum_gx, mask=c_mask)
+    tl.store(part_ptr + num_rows * C + row, sum_gx, mask=c_mask)
     if HAS_MASK:
-        tl.store(part_ptr + 2 * num_splits * C + row, cnt, mask=c_mask)
+        tl.store(part_ptr + 2 * num_rows * C + row, cnt, mask=c_mask)
 
 
 @triton.jit
 def _bn_grad_finalize_kernel(
     sums_ptr, dw_ptr, db_ptr,  # outputs: (2, C) sum g / sum g*xhat in ACC (for dx; HAS_COUNT: (3, C), + count);
-    part_ptr, C, num_splits,  # dw, db in the params' dtype
+    part_ptr, C, num_splits, num_chunks,  # dw, db in the params' dtype
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_COUNT: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_COUNT: tl.constexpr, GHOST: tl.constexpr,
 ):
     """Backward split stage 2: the K partial sums, in a fixed order (HAS_COUNT: the masked grad_partial's third
-    plane, the valid counts, too)."""
+    plane, the valid counts, too). GHOST: part is (2, chunks * K, C), chunk-major; each chunk's K rows give its
+    sums, (2, chunks, C), for grad_input, and dweight, dbias are the chunks' sums added in chunk order."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
-    sum_g = _sum_rows(part_ptr, 0, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
-    sum_gx = _sum_rows(part_ptr, num_splits, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
-    tl.store(sums_ptr + c_offs, sum_g, mask=c_mask)
-    tl.store(sums_ptr + C + c_offs, sum_gx, mask=c_mask)
+    if GHOST:
+        sum_g = tl.zeros([BLOCK_C], ACC)
+        sum_gx = tl.zeros([BLOCK_C], ACC)
+        for g in range(num_chunks):
+            chunk_g = _sum_rows(part_ptr, g * num_splits, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
+            chunk_gx = _sum_rows(part_ptr, (num_chunks + g) * num_splits, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
+            tl.store(sums_ptr + g * C + c_offs, chunk_g, mask=c_mask)
+            tl.store(sums_ptr + (num_chunks + g) * C + c_offs, chunk_gx, mask=c_mask)
+            sum_g += chunk_g
+            sum_gx += chunk_gx
+    else:
+        sum_g = _sum_rows(part_ptr, 0, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
+        sum_gx = _sum_rows(part_ptr, num_splits, num_splits, c_offs, C, BLOCK_SPLITS, ACC)
+        tl.store(sums_ptr + c_offs, sum_g, mask=c_mask)
+        tl.store(sums_ptr + C + c_offs, sum_gx, mask=c_mask)
     if HAS_COUNT:
         tl.store(sums_ptr + 2 * C + c_offs, _sum_rows(part_ptr, 2 * num_splits, num_splits, c_offs, C, BLOCK_SPLITS,
                                                       ACC), mask=c_mask)
@@ -682,15 +843,34 @@ def _bn_grad_input_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, mean_ptr, rstd_ptr, sums_ptr, m_ptr,
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys, stride_dxn, stride_dxc, stride_dxs,
     stride_rn, stride_rc, stride_rs, stride_drn, stride_drc, stride_drs, stride_w, stride_b, stride_mn, stride_ms,
+    chunk,
     inv_count: tl.float64, act_param: tl.float64,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COMPUTE_DX: tl.constexpr,
     COMPUTE_DR: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, PAD: tl.constexpr,
+    GHOST: tl.constexpr,
 ):
     """Backward split stage 3 (train): dx = w*rstd * (g - (sum_g + xhat*sum_gx) * inv_count), elementwise, and
     dr = g. inv_count = 1/M; SyncBatchNorm passes the global count's. HAS_MASK: 1/M from the valid count in
-    sums' third row (inv_count unused), the statistics' terms only at valid positions; PAD: g = 0 at padded ones."""
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    sums' third row (inv_count unused), the statistics' terms only at valid positions; PAD: g = 0 at padded ones.
+    GHOST: one chunk of rows per program, its row of the (chunks, C) mean and rstd and of the (2, chunks, C) sums,
+    and its own M (inv_count unused)."""
+    if GHOST:
+        block, ci = _ghost_block(C, BLOCK_C)
+        plane = tl.cdiv(N, chunk) * C  # the sums' plane stride: chunks * C
+        row0, N = _ghost_rows(ci, N, chunk)
+        x_ptr += row0 * stride_xn
+        dy_ptr += row0 * stride_dyn
+        dx_ptr += row0 * stride_dxn
+        r_ptr += row0 * stride_rn
+        dr_ptr += row0 * stride_drn
+        mean_ptr += ci.to(tl.int64) * C
+        rstd_ptr += ci.to(tl.int64) * C
+        sums_ptr += ci.to(tl.int64) * C
+    else:
+        block = tl.program_id(0)
+        plane = C
+    c_offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -699,10 +879,12 @@ def _bn_grad_input_kernel(
     if HAS_MASK:
         inv_m = _div_rn(tl.full([BLOCK_C], 1.0, ACC),
                         tl.maximum(tl.load(sums_ptr + 2 * C + c_offs, mask=c_mask, other=1.0), 1.0))
+    elif GHOST:
+        inv_m = _div_rn(tl.full([], 1.0, ACC), _count(N, S, ACC))
     else:
         inv_m = tl.full([], inv_count, ACC)
     mean_g = _bcast(tl.load(sums_ptr + c_offs, mask=c_mask, other=0.0) * inv_m)
-    mean_gx = _bcast(tl.load(sums_ptr + C + c_offs, mask=c_mask, other=0.0) * inv_m)
+    mean_gx = _bcast(tl.load(sums_ptr + plane + c_offs, mask=c_mask, other=0.0) * inv_m)
     for t in range(split, _num_tiles(N, S, BLOCK_N, BLOCK_S), num_splits):
         n0, s0 = _tile_origin(t, S, BLOCK_N, BLOCK_S)
         xhat, g = _grad_tile(x_ptr, dy_ptr, r_ptr, n0, s0, c_offs, N, C, S, stride_xn, stride_xc, stride_xs,

@@ -81,7 +81,9 @@ class LaunchConfig:
     BLOCK_S: int
     num_splits: int  # K, programs along the reduction; 1 for "single"
     num_warps: int
-    grid: tuple[int, int]  # (channel blocks, K)
+    grid: tuple[int, int]  # (channel blocks, K); ghost BatchNorm: (chunks x channel blocks, K)
+    chunk: int = 0  # ghost BatchNorm: rows of the (N, C, S) view per chunk (the tile is sized for one); else 0
+    num_chunks: int = 1
 
 
 def _pow2(n: int) -> int:
@@ -106,7 +108,9 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, override=None) -> LaunchConfig:
+def launch_config(
+    N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, override=None, chunks: int = 1
+) -> LaunchConfig:
     """Tile shape, split count, warps and grid for x viewed as (N, C, S). Memoised: called on every launch.
 
     c_fast: stride_c == 1, so the tile's long axis is C (>= 16 channels when there are that many: 128-bit
@@ -115,6 +119,8 @@ def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, ov
     program can hold all N*S values of its channel block in SINGLE_MAX_ELEMENTS; otherwise the reduction is
     split so that channel blocks x splits ~ PROGRAMS_PER_SM * SMs, which fills the GPU even for C = 32.
     `override` (from bnfast.testing.force_plan) forces the plan and caps the split tile.
+    Ghost BatchNorm: N is the rows of one chunk, and `chunks` chunks share the grid's first axis (each chunk's
+    channel blocks in turn), which then counts chunks x channel blocks programs.
     """
     single_max, tile = SINGLE_MAX_ELEMENTS // widen, TILE_ELEMENTS // widen
     if override is not None:
@@ -124,11 +130,19 @@ def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, ov
     min_block_c = min(pow2_c, 16) if c_fast else 1
     column = pow2_n * pow2_s
     if column * min_block_c <= single_max or (override is not None and override[0] == "single"):
-        spread_c = _pow2(_cdiv(C, sms))  # one channel block per SM when C is large
+        spread_c = _pow2(_cdiv(C * chunks, sms))  # one program per SM when C (x chunks) is large
         block_c = max(min_block_c, min(single_max // column, spread_c, pow2_c))
         tile_elems = column * block_c
         return LaunchConfig(
-            "single", pow2_n, block_c, pow2_s, 1, _num_warps(tile_elems * widen), (_cdiv(C, block_c), 1)
+            "single",
+            pow2_n,
+            block_c,
+            pow2_s,
+            1,
+            _num_warps(tile_elems * widen),
+            (_cdiv(C, block_c) * chunks, 1),
+            N if chunks > 1 else 0,
+            chunks,
         )
     if c_fast:  # long axis C, then rows along s (contiguous in channels_last), then n
         if 1 < S < 16:  # short s with many n rows: at full size ptxas spills a few bytes on sm_80 (kernel report)
@@ -145,7 +159,7 @@ def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, ov
         block_c = min(pow2_c, max(1, tile // (4 * block_s)), MAX_BLOCK_C_S_FAST)
     block_n = max(1, min(pow2_n, tile // (block_s * block_c)))
     num_tiles = _cdiv(N, block_n) * _cdiv(S, block_s)
-    c_blocks = _cdiv(C, block_c)
+    c_blocks = _cdiv(C, block_c) * chunks
     num_splits = max(1, min(num_tiles, MAX_SPLITS, _cdiv(PROGRAMS_PER_SM * sms, c_blocks)))
     return LaunchConfig(
         "split",
@@ -155,6 +169,8 @@ def launch_config(N: int, C: int, S: int, c_fast: bool, widen: int, sms: int, ov
         num_splits,
         _num_warps(block_n * block_c * block_s * widen),
         (c_blocks, num_splits),
+        N if chunks > 1 else 0,
+        chunks,
     )
 
 
@@ -262,29 +278,36 @@ def _channels_last(x: torch.Tensor) -> bool:
     return True
 
 
-def config_for(x: Ncs, widen: int, split: bool = False) -> LaunchConfig:
+def config_for(x: Ncs, widen: int, split: bool = False, chunk: int = 0) -> LaunchConfig:
     """`launch_config` for x; `split` forces the split plan (SyncBatchNorm: the partials must exist), keeping a
-    forced tile size."""
+    forced tile size; `chunk` (ghost BatchNorm: rows of x per chunk, fewer than x.N) sizes the tile for one chunk."""
     c_fast = x.sc == 1 and x.C > 1 and (x.S == 1 or x.ss != 1)
     override = PLAN_OVERRIDE
     if split and (override is None or override[0] != "split"):
         override = ("split", override[1] if override is not None else None)
+    if chunk:
+        return launch_config(chunk, x.C, x.S, c_fast, widen, _sm_count(x.t.get_device()), override, _cdiv(x.N, chunk))
     return launch_config(x.N, x.C, x.S, c_fast, widen, _sm_count(x.t.get_device()), override)
 
 
-def prepare(x: torch.Tensor, *others: torch.Tensor | None, widen: int = 1, split: bool = False):
+def prepare(
+    x: torch.Tensor, *others: torch.Tensor | None, widen: int = 1, split: bool = False, chunk: int | None = None
+):
     """(x3, *others3, cfg): x and the tensors indexed like it (y, dy, dx, the residual and its gradient; None
     passes through) as (N, C, S) views, and the launch configuration, the one way every caller builds them
     (bn_fwd, bn_bwd, the SyncBatchNorm stages, recalibrate, the kernel report). A transposed 2-D x decides the
     view of all of them (`is_transposed_2d`); channels_last rows are merged when every view allows it
-    (`merge_rows`); `widen` and `split` are `config_for`'s."""
-    transposed = is_transposed_2d(x)
+    (`merge_rows`); `widen` and `split` are `config_for`'s. `chunk` (ghost BatchNorm: samples per chunk, fewer
+    than N) keeps the samples on the view's row axis (no transposed view; merged rows are S per sample), and
+    `cfg.chunk` is then the rows per chunk."""
+    transposed = chunk is None and is_transposed_2d(x)
     views = [as_ncs(x, transposed)]
     for t in others:
         views.append(as_ncs(t, transposed) if t is not None else None)
     if views[0].sc == 1 and views[0].S > 1:  # channels_last: one dense row axis when every tensor allows it
         views = merge_rows(*views)
-    return (*views, config_for(views[0], widen, split))
+    rows = chunk * (views[0].N // x.shape[0]) if chunk is not None else 0
+    return (*views, config_for(views[0], widen, split, rows))
 
 
 def mask_view(mask: torch.Tensor) -> torch.Tensor:
@@ -641,35 +664,42 @@ def _vec_key(t: torch.Tensor | None):
 # Each stage: x, y, dy, dx are `Ncs`; w, b (weight, bias) and the running stats are (C,) tensors of any stride or
 # None; `cfg` comes from `config_for(x, ...)`; outputs are allocated by the caller or returned.
 def forward_single(x: Ncs, y: Ncs, w, b, mean, rstd, running, nbt, cfg, *, eps, momentum, cumulative, activation,
-                   act_param, r: Ncs | None = None, m: Ncs | None = None, pad=None):
+                   act_param, r: Ncs | None = None, m: Ncs | None = None, pad=None, var=None):
     """Single-pass training forward: y, and the batch mean/rstd into `mean`/`rstd` (ACC, (C,)).
     `running` = (rm, rv, rm_out, rv_out) or None; `nbt` = num_batches_tracked when cumulative; `r` the residual;
-    `m` the mask view (statistics over its valid positions), `pad` the value written at padded ones (or None)."""
+    `m` the mask view (statistics over its valid positions), `pad` the value written at padded ones (or None).
+    Ghost BatchNorm (cfg.num_chunks > 1): mean/rstd are (chunks, C), and with `running` the chunks' variances go
+    to `var` (chunks, C) for `running_chunks`, the running stats are not touched here."""
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)  # dummies: never read
     r_ = _ncs_or(r, x)
     m_ptr, m_strides = _mask_args(m, x)
     _launch("_bn_fwd_single_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
-        (y.t, mean, rstd, x.t, _or(w, x.t), _or(b, x.t), r_.t, rm, rv, rm_out, rv_out, _or(nbt, mean), m_ptr),
+        (y.t, mean, rstd, _or(var, mean), x.t, _or(w, x.t), _or(b, x.t), r_.t, rm, rv, rm_out, rv_out,
+         _or(nbt, mean), m_ptr),
         (*x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b),
-         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), *m_strides),
+         rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0), *m_strides, cfg.chunk),
         (eps, momentum, act_param, 0.0 if pad is None else pad),
-        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, UPDATE_RUNNING, CUMULATIVE, ACTIVATION, ACC, BLOCK_N/C/S, HAS_MASK, PAD
+        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, UPDATE_RUNNING, CUMULATIVE, ACTIVATION, ACC, BLOCK_N/C/S, HAS_MASK, PAD,
+        # GHOST
         (w is not None, b is not None, r is not None, running is not None, cumulative, activation, _TL[mean.dtype],
-         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, m is not None, m is not None and pad is not None),
+         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, m is not None, m is not None and pad is not None,
+         cfg.num_chunks > 1),
     )
 
 
 def stats_partial(x: Ncs, cfg, m: Ncs | None = None):
     """Split stage 1: (part (3, K, C), shift (C,)) in ACC, the format in kernels/batch_norm.py; over the valid
-    positions of the mask view `m` when given."""
+    positions of the mask view `m` when given. Ghost BatchNorm: (chunks, 3, K, C) and (chunks, C)."""
     acc = acc_dtype(x.t.dtype)
-    part = torch.empty((3, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
-    shift = torch.empty(x.C, dtype=acc, device=x.t.device)
+    ghost = cfg.num_chunks > 1
+    lead = (cfg.num_chunks,) if ghost else ()
+    part = torch.empty((*lead, 3, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
+    shift = torch.empty((*lead, x.C), dtype=acc, device=x.t.device)
     m_ptr, m_strides = _mask_args(m, x)
-    # constexprs: ACC, BLOCK_N/C/S, HAS_MASK
+    # constexprs: ACC, BLOCK_N/C/S, HAS_MASK, GHOST
     _launch("_bn_stats_partial_kernel", cfg.grid, cfg.num_warps, x.t.get_device(), (part, shift, x.t, m_ptr),
-            (*x.dims, *x.strides, *m_strides), (),
-            (_TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, m is not None))
+            (*x.dims, *x.strides, *m_strides, cfg.chunk), (),
+            (_TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, m is not None, ghost))
     return part, shift
 
 
@@ -684,22 +714,37 @@ def stats_merge(part, shift, out=None):
     return out
 
 
-def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumulative):
+def stats_finalize(part, shift, mean, rstd, running, nbt, *, eps, momentum, cumulative, var=None):
     """Split stage 2: merge the K rows of `part` in order into `mean`/`rstd` (ACC, (C,)); running stats updated.
     `part` is (3, K, C) with unit channel stride (any row and plane strides: SyncBatchNorm passes a view of the
-    gathered (world, 4, C) buffer); `shift` is (C,), or (K, C) for a shift per row (the gathered ranks')."""
-    C = part.shape[2]
+    gathered (world, 4, C) buffer); `shift` is (C,), or (K, C) for a shift per row (the gathered ranks').
+    Ghost BatchNorm: `stats_partial`'s contiguous (chunks, 3, K, C) and (chunks, C), mean/rstd (chunks, C), and
+    with `running` the chunks' variances go to `var` for `running_chunks` (the running stats are not touched)."""
+    ghost = part.dim() == 4
+    chunks = part.shape[0] if ghost else 1
+    planes = part[0] if ghost else part  # one chunk's (3, K, C): the strides the kernel steps through
+    C = planes.shape[2]
     rm, rv, rm_out, rv_out = running if running is not None else (mean, mean, mean, mean)
-    row_shifts = shift.dim() == 2
-    _launch("_bn_stats_finalize_kernel", (_cdiv(C, FINALIZE_BLOCK_C),), 4, part.get_device(),
-        (mean, rstd, part, shift, rm, rv, rm_out, rv_out, _or(nbt, mean)),
-        (C, part.shape[1], part.stride(1), part.stride(0), shift.stride(0) if row_shifts else 0,
+    row_shifts = shift.dim() == 2 and not ghost
+    _launch("_bn_stats_finalize_kernel", (_cdiv(C, FINALIZE_BLOCK_C) * chunks,), 4, part.get_device(),
+        (mean, rstd, _or(var, mean), part, shift, rm, rv, rm_out, rv_out, _or(nbt, mean)),
+        (C, planes.shape[1], planes.stride(1), planes.stride(0), shift.stride(0) if row_shifts else 0,
          rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0)), (eps, momentum),
-        # ROW_SHIFTS, UPDATE_RUNNING, CUMULATIVE, ACC, BLOCK_SPLITS, BLOCK_C; float64 rows: half as many per
+        # ROW_SHIFTS, UPDATE_RUNNING, CUMULATIVE, ACC, BLOCK_SPLITS, BLOCK_C, GHOST; float64 rows: half as many per
         # iteration (at 32 x 32 float64 values ptxas spills 16 bytes on sm_80)
         (row_shifts, running is not None, cumulative, _TL[part.dtype],
-         FINALIZE_BLOCK_SPLITS // (2 if part.dtype == torch.float64 else 1), FINALIZE_BLOCK_C),
+         FINALIZE_BLOCK_SPLITS // (2 if part.dtype == torch.float64 else 1), FINALIZE_BLOCK_C, ghost),
     )
+
+
+def running_chunks(x: Ncs, cfg, running, nbt, mean, var, *, momentum, cumulative):
+    """Ghost BatchNorm's running stats: the chunks' (mean, var) rows ((chunks, C) in ACC) applied in chunk order,
+    `running` = (rm, rv, rm_out, rv_out); `nbt` = num_batches_tracked when cumulative (advanced by one per chunk)."""
+    rm, rv, rm_out, rv_out = running
+    _launch("_bn_running_chunks_kernel", (_cdiv(x.C, FINALIZE_BLOCK_C),), 4, mean.get_device(),
+        (rm_out, rv_out, rm, rv, _or(nbt, mean), mean, var),
+        (x.N, x.C, x.S, cfg.chunk, rm.stride(0), rv.stride(0), rm_out.stride(0), rv_out.stride(0)), (momentum,),
+        (cumulative, _TL[mean.dtype], FINALIZE_BLOCK_C))  # CUMULATIVE, ACC, BLOCK_C
 
 
 def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activation, act_param, r: Ncs | None = None,
@@ -711,11 +756,11 @@ def normalize(x: Ncs, y: Ncs, w, b, mean, stat, cfg, *, stat_is_var, eps, activa
     m_ptr, m_strides = _mask_args(m if padded else None, x)
     _launch("_bn_normalize_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
         (y.t, x.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat, m_ptr),
-        (*x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b), mean.stride(0),
-         stat.stride(0), *m_strides), (eps, act_param, pad if padded else 0.0),
-        # STAT_IS_VAR, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N/C/S, PAD
+        (*x.dims, *x.strides, *y.strides, *r_.strides, _vec_stride(w), _vec_stride(b), mean.stride(-1),
+         stat.stride(-1), *m_strides, cfg.chunk), (eps, act_param, pad if padded else 0.0),
+        # STAT_IS_VAR, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, ACC, BLOCK_N/C/S, PAD, GHOST
         (stat_is_var, w is not None, b is not None, r is not None, activation, _TL[acc_dtype(x.t.dtype)],
-         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, padded),
+         cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, padded, cfg.num_chunks > 1),
     )
 
 
@@ -724,18 +769,19 @@ def backward_single(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, stat, dw, db, c
                     act_param, r: Ncs | None = None, dr: Ncs | None = None, m: Ncs | None = None,
                     pad=None):
     """Single-pass backward into dx, dw, db, dr (each None: not needed); `r` the residual of the forward; `m` the
-    forward's mask view and `pad` its pad value (None: padded outputs were normalised)."""
+    forward's mask view and `pad` its pad value (None: padded outputs were normalised). Ghost BatchNorm: dw and
+    db are the planes 1 and 0 of a (2, chunks, C) partial in ACC, for `grad_finalize`."""
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)  # dummy strides and pointers when absent
     m_ptr, m_strides = _mask_args(m, x)
     _launch("_bn_bwd_single_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
         (out.t, _or(dw, x.t), _or(db, x.t), dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat, m_ptr),
         (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
-         _vec_stride(b), mean.stride(0), stat.stride(0), *m_strides), (eps, act_param),
+         _vec_stride(b), mean.stride(-1), stat.stride(-1), *m_strides, cfg.chunk), (eps, act_param),
         # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX/DW/DB/DR, ACTIVATION, ACC, BLOCK_N/C/S, HAS_MASK,
-        # PAD
+        # PAD, GHOST
         (training, w is not None, b is not None, r is not None, dx is not None, dw is not None, db is not None,
          dr is not None, activation, _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S,
-         m is not None, m is not None and pad is not None),
+         m is not None, m is not None and pad is not None, cfg.num_chunks > 1),
     )
 
 
@@ -744,33 +790,35 @@ def grad_partial(dy: Ncs, x: Ncs, w, b, mean, stat, cfg, *, training, eps, activ
     """Backward split stage 1: part (2, K, C) in ACC (sum g, sum g*xhat). Eval: also writes dx and dr if given.
     With the mask view `m`: part (3, K, C), the third plane the valid counts (see _bn_grad_partial_kernel)."""
     acc = acc_dtype(x.t.dtype)
-    part = torch.empty((2 if m is None else 3, cfg.num_splits, x.C), dtype=acc, device=x.t.device)
+    rows = cfg.num_splits * cfg.num_chunks  # ghost BatchNorm: each chunk's K rows, chunk-major
+    part = torch.empty((2 if m is None else 3, rows, x.C), dtype=acc, device=x.t.device)
     out, r_, dr_ = _ncs_or(dx, x), _ncs_or(r, x), _ncs_or(dr, x)
     m_ptr, m_strides = _mask_args(m, x)
     _launch("_bn_grad_partial_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
         (part, out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, stat, m_ptr),
         (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
-         _vec_stride(b), mean.stride(0), stat.stride(0), *m_strides), (eps, act_param),
+         _vec_stride(b), mean.stride(-1), stat.stride(-1), *m_strides, cfg.chunk), (eps, act_param),
         # TRAINING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S,
-        # HAS_MASK, PAD
+        # HAS_MASK, PAD, GHOST
         (training, w is not None, b is not None, r is not None, dx is not None and not training,
          dr is not None and not training, activation, _TL[acc], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S,
-         m is not None, m is not None and pad is not None),
+         m is not None, m is not None and pad is not None, cfg.num_chunks > 1),
     )
     return part
 
 
-def grad_finalize(part, dw=None, db=None):
+def grad_finalize(part, dw=None, db=None, chunks: int = 1):
     """Backward split stage 2: sums (2, C) in ACC (sum g, sum g*xhat, for grad_input); also writes dweight
     and dbias (in their own dtype) when given. A masked grad_partial's (3, K, C) part gives (3, C) sums, the
-    third row the valid counts."""
+    third row the valid counts. Ghost BatchNorm (`chunks` > 1): part is (2, chunks * K, C), chunk-major; sums are
+    (2, chunks, C), and dweight, dbias the chunks' sums added in chunk order."""
     C = part.shape[2]
-    sums = torch.empty((part.shape[0], C), dtype=part.dtype, device=part.device)
+    sums = torch.empty((part.shape[0], *((chunks,) if chunks > 1 else ()), C), dtype=part.dtype, device=part.device)
     _launch("_bn_grad_finalize_kernel", (_cdiv(C, FINALIZE_BLOCK_C),), 4, part.get_device(),
-            (sums, _or(dw, sums), _or(db, sums), part), (C, part.shape[1]), (),
-            # COMPUTE_DW, COMPUTE_DB, ACC, BLOCK_SPLITS, BLOCK_C, HAS_COUNT
+            (sums, _or(dw, sums), _or(db, sums), part), (C, part.shape[1] // chunks, chunks), (),
+            # COMPUTE_DW, COMPUTE_DB, ACC, BLOCK_SPLITS, BLOCK_C, HAS_COUNT, GHOST
             (dw is not None, db is not None, _TL[part.dtype], FINALIZE_BLOCK_SPLITS, FINALIZE_BLOCK_C,
-             part.shape[0] == 3))
+             part.shape[0] == 3, chunks > 1))
     return sums
 
 
@@ -783,11 +831,12 @@ def grad_input(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, rstd, sums, cfg, *, 
     _launch("_bn_grad_input_kernel", cfg.grid, cfg.num_warps, x.t.get_device(),
         (out.t, dr_.t, x.t, dy.t, _or(w, x.t), _or(b, x.t), r_.t, mean, rstd, sums, m_ptr),
         (*x.dims, *x.strides, *dy.strides, *out.strides, *r_.strides, *dr_.strides, _vec_stride(w),
-         _vec_stride(b), *m_strides), (1.0 / count, act_param),
-        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S, HAS_MASK, PAD
+         _vec_stride(b), *m_strides, cfg.chunk), (1.0 / count, act_param),
+        # HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, COMPUTE_DX, COMPUTE_DR, ACTIVATION, ACC, BLOCK_N/C/S, HAS_MASK, PAD,
+        # GHOST
         (w is not None, b is not None, r is not None, dx is not None, dr is not None, activation,
          _TL[acc_dtype(x.t.dtype)], cfg.BLOCK_N, cfg.BLOCK_C, cfg.BLOCK_S, m is not None,
-         m is not None and pad is not None),
+         m is not None and pad is not None, cfg.num_chunks > 1),
     )
 
 
@@ -795,10 +844,22 @@ def grad_input(dy: Ncs, x: Ncs, dx: Ncs | None, w, b, mean, rstd, sums, cfg, *, 
 
 
 # ----------------------------------------------------------------------------------------------- composition
-def forward_outputs(x: torch.Tensor, training: bool):
-    """(y, mean, rstd) allocated as `bn_fwd` allocates them (mean/rstd are 0-element in eval): also what the
-    torch.library op's fake implementation returns."""
-    mean, rstd = _stat_pair(x, x.shape[1] if training else 0, acc_dtype(x.dtype))
+def num_chunks(x: torch.Tensor, training: bool, chunk: int | None) -> int:
+    """Ghost BatchNorm's chunks of `chunk` samples in x (the last may be shorter); 1 when x is one chunk, in eval
+    (the running stats normalise every sample) or without ghost BatchNorm."""
+    return _cdiv(x.shape[0], chunk) if training and chunk is not None and chunk < x.shape[0] else 1
+
+
+def forward_outputs(x: torch.Tensor, training: bool, chunk: int | None = None):
+    """(y, mean, rstd) allocated as `bn_fwd` allocates them (mean/rstd are 0-element in eval, (chunks, C) under
+    ghost BatchNorm): also what the torch.library op's fake implementation returns."""
+    chunks = num_chunks(x, training, chunk)
+    C = x.shape[1] if training else 0
+    if chunks > 1:
+        acc = acc_dtype(x.dtype)
+        mean, rstd = x.new_empty((chunks, C), dtype=acc), x.new_empty((chunks, C), dtype=acc)
+    else:
+        mean, rstd = _stat_pair(x, C, acc_dtype(x.dtype))
     return new_output(x), mean, rstd
 
 
@@ -832,6 +893,7 @@ def bn_fwd(
     residual=None,
     mask=None,
     pad_value=None,
+    chunk=None,
 ):
     """Forward: `_bn_fwd` (what it computes and returns), replayed from its launch plan when the call's signature
     has one (see "launch plans"; the signature lists every argument: tests/test_launch_plans.py checks it)."""
@@ -860,6 +922,7 @@ def bn_fwd(
             copysign(1.0, act_param),
             None if running_out is None else (_vec_key(running_out[0]), _vec_key(running_out[1])),
             None if residual is None else (residual.shape, residual.stride(), residual.dtype),
+            chunk,
             PLAN_OVERRIDE,
         )
         inputs = (x, weight, bias, running_mean, running_var, num_batches_tracked, residual)
@@ -886,6 +949,7 @@ def bn_fwd(
             act_param=act_param,
             running_out=running_out,
             residual=residual,
+            chunk=chunk,
         )
     return _bn_fwd(
         x,
@@ -904,6 +968,7 @@ def bn_fwd(
         residual=residual,
         mask=mask,
         pad_value=pad_value,
+        chunk=chunk,
     )
 
 
@@ -925,9 +990,12 @@ def _bn_fwd(
     residual=None,
     mask=None,
     pad_value=None,
+    chunk=None,
 ):
     """Forward. Returns (y, mean, rstd): the batch mean and rstd in ACC when training (saved for the backward),
     0-element tensors in eval (the backward then reads the running stats).
+    `chunk` (ghost BatchNorm, training; no mask): samples [0, chunk), [chunk, 2 chunk), ... are normalised with
+    their own statistics, mean/rstd are (chunks, C), and the running stats take each chunk's update in order.
     `mask` (x's shape without the channel dim, bool, any strides; validated by bnfast.functional): training
     statistics over its True positions only; `pad_value` (a float or None) is written where it is False.
 
@@ -935,11 +1003,14 @@ def _bn_fwd(
     running_mean/running_var themselves (in place). `cumulative` uses 1/num_batches_tracked (already incremented)
     as the factor. `residual` (x's shape, any strides) is added before the activation.
     """
-    y_t, mean, rstd = forward_outputs(x, training)
+    y_t, mean, rstd = forward_outputs(x, training, chunk)
+    ghost = mean.dim() == 2
     if mask is not None and (training or pad_value is not None):  # eval without a pad value: the mask changes nothing
         x3, y3, r3, m3, cfg = prepare(x, y_t, residual, mask_view(mask), widen=2 if x.dtype == torch.float64 else 1)
     else:
-        x3, y3, r3, cfg = prepare(x, y_t, residual, widen=2 if x.dtype == torch.float64 else 1)  # register_widening
+        x3, y3, r3, cfg = prepare(  # widen: register_widening
+            x, y_t, residual, widen=2 if x.dtype == torch.float64 else 1, chunk=chunk if ghost else None
+        )
         m3 = None
     if not training:
         normalize(
@@ -964,6 +1035,7 @@ def _bn_fwd(
         running = (running_mean, running_var, *(running_out or (running_mean, running_var)))
     nbt = num_batches_tracked if cumulative else None
     opts = dict(eps=eps, momentum=momentum, cumulative=cumulative)
+    var = torch.empty_like(mean) if ghost and running is not None else None  # the chunks' variances
     if cfg.plan == "single":
         forward_single(
             x3,
@@ -980,11 +1052,16 @@ def _bn_fwd(
             r=r3,
             m=m3,
             pad=pad_value,
+            var=var,
             **opts,
         )
+        if var is not None:
+            running_chunks(x3, cfg, running, nbt, mean, var, momentum=momentum, cumulative=cumulative)
         return y_t, mean, rstd
     part, shift = stats_partial(x3, cfg, m3)
-    stats_finalize(part, shift, mean, rstd, running, nbt, **opts)
+    stats_finalize(part, shift, mean, rstd, running, nbt, var=var, **opts)
+    if var is not None:
+        running_chunks(x3, cfg, running, nbt, mean, var, momentum=momentum, cumulative=cumulative)
     normalize(
         x3,
         y3,
@@ -1023,6 +1100,7 @@ def bn_bwd(
     needs_dr=False,
     mask=None,
     pad_value=None,
+    chunk=None,
 ):
     """Backward: `_bn_bwd` (what it computes and returns), replayed from its launch plan when the call's
     signature has one (see "launch plans"; the signature lists every argument: tests/test_launch_plans.py)."""
@@ -1053,6 +1131,7 @@ def bn_bwd(
             needs_db,
             needs_dr,
             None if residual is None else (residual.shape, residual.stride(), residual.dtype),
+            chunk,
             PLAN_OVERRIDE,
         )
         inputs = (dy, x, weight, bias, mean, stat, residual)
@@ -1078,6 +1157,7 @@ def bn_bwd(
             needs_db=needs_db,
             residual=residual,
             needs_dr=needs_dr,
+            chunk=chunk,
         )
     return _bn_bwd(
         dy,
@@ -1097,6 +1177,7 @@ def bn_bwd(
         needs_dr=needs_dr,
         mask=mask,
         pad_value=pad_value,
+        chunk=chunk,
     )
 
 
@@ -1119,25 +1200,36 @@ def _bn_bwd(
     needs_dr=False,
     mask=None,
     pad_value=None,
+    chunk=None,
 ):
     """Backward. (mean, stat) = (batch mean, rstd) in training, (running_mean, running_var) in eval; `residual` is
     the forward's (needed to recompute z under an activation). Returns (dx, dweight, dbias, dresidual), each
     None when not asked for or when there is no such input. Without an activation dresidual = dy: the caller
-    passes dy on and asks for no dresidual here. `mask`, `pad_value`: the forward's."""
+    passes dy on and asks for no dresidual here. `mask`, `pad_value`, `chunk`: the forward's (ghost BatchNorm:
+    mean and rstd are then (chunks, C))."""
     dx_t, dw, db, dr_t = backward_outputs(x, weight, bias, (needs_dx, needs_dw, needs_db, needs_dr), residual)
     r = residual if activation else None  # only act' reads it
     widen = register_widening(acc_dtype(x.dtype), activation, backward=True)
+    ghost = training and mean.dim() == 2
     if mask is not None and (training or pad_value is not None):
         x3, dy3, dx3, r3, dr3, m3, cfg = prepare(x, dy, dx_t, r, dr_t, mask_view(mask), widen=widen)
     else:
-        x3, dy3, dx3, r3, dr3, cfg = prepare(x, dy, dx_t, r, dr_t, widen=widen)
+        x3, dy3, dx3, r3, dr3, cfg = prepare(x, dy, dx_t, r, dr_t, widen=widen, chunk=chunk if ghost else None)
         m3 = None
     opts = dict(activation=activation, act_param=act_param, r=r3, dr=dr3, m=m3, pad=pad_value)
     if cfg.plan == "single":
+        if ghost:  # each chunk's sums, then dweight, dbias over the chunks in order
+            part = torch.empty((2, cfg.num_chunks, x3.C), dtype=mean.dtype, device=x.device)
+            backward_single(
+                dy3, x3, dx3, weight, bias, mean, stat, part[1], part[0], cfg, training=training, eps=eps, **opts
+            )
+            if dw is not None or db is not None:
+                grad_finalize(part, dw, db, cfg.num_chunks)
+            return dx_t, dw, db, dr_t
         backward_single(dy3, x3, dx3, weight, bias, mean, stat, dw, db, cfg, training=training, eps=eps, **opts)
         return dx_t, dw, db, dr_t
     part = grad_partial(dy3, x3, weight, bias, mean, stat, cfg, training=training, eps=eps, dx=dx3, **opts)
-    sums = grad_finalize(part, dw, db)
+    sums = grad_finalize(part, dw, db, cfg.num_chunks)
     if training and (dx3 is not None or dr3 is not None):
         grad_input(dy3, x3, dx3, weight, bias, mean, stat, sums, cfg, count=x3.N * x3.S, **opts)
     return dx_t, dw, db, dr_t

@@ -57,6 +57,87 @@ def test_case_matrix_matches_the_issues():
     assert set(cases.SANITY_CASES) <= set(headline)
 
 
+def test_variant_cases():
+    """The masked and ghost variant cases run in the rest / full sets (bnfast vs the torch snippet), never in the
+    headline; ids are unique and carry the variant."""
+    assert cases.variant_cases("headline") == []
+    assert cases.variant_cases("rest") == cases.variant_cases("full") == cases.VARIANT_CASES
+    assert [c.variant for c in cases.VARIANT_CASES] == ["masked", "ghost"]
+    assert cases.VARIANT_PROVIDERS == ("bnfast", "snippet")
+    ids = [c.id for c in cases.VARIANT_CASES + cases.VARIANT_SMOKE_CASES]
+    assert len(set(ids)) == len(ids) and all(i.startswith(("masked-fwd+bwd-relu-", "ghost")) for i in ids)
+    masked, ghost = cases.VARIANT_CASES
+    assert masked.min_bytes() == masked.base.min_bytes() + masked.shape[0] * masked.shape[2]  # + one read of the mask
+    assert ghost.min_bytes() == ghost.base.min_bytes() and ghost.id == "ghost512-fwd+bwd-relu-float32-16384x256"
+
+
+def test_masked_snippet_is_bnfast_masked_batch_norm(kernel_path):
+    """The benchmark's baseline (bench/variants.py MaskedBatchNorm1d, + ReLU and `y * mask`) computes what bnfast's
+    FusedBatchNorm1d(activation="relu") does with mask= and pad_value=0.0, in float64 on both plans: y, dx,
+    dweight, dbias over two training steps, running stats and num_batches_tracked, then eval."""
+    import bnfast
+    from bench import variants
+
+    gen = torch.Generator().manual_seed(3)
+    N, C, L = 4, 3, 9
+    snippet = variants.MaskedSnippetReLU(variants.MaskedBatchNorm1d(C, dtype=torch.float64))
+    with torch.no_grad():
+        for t in (snippet.bn.weight, snippet.bn.bias, snippet.bn.running_mean):
+            t.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
+    fused = variants.BnfastMasked(bnfast.FusedBatchNorm1d(C, activation="relu", dtype=torch.float64))
+    fused.bn.load_state_dict(snippet.bn.state_dict())
+    tol = dict(rtol=1e-10, atol=1e-12)
+    for _ in range(2):
+        x = torch.randn(N, C, L, generator=gen, dtype=torch.float64) * 2 + 3
+        lengths = torch.randint(1, L + 1, (N,), generator=gen)
+        mask = torch.arange(L)[None, :] < lengths[:, None]
+        x[~mask.unsqueeze(1).expand_as(x)] = 100.0  # padded values must not count
+        dy = torch.randn(N, C, L, generator=gen, dtype=torch.float64)
+        outs = []
+        for module in (snippet, fused):
+            xi = x.clone().requires_grad_()
+            y = module(xi, mask)
+            outs.append((y, *torch.autograd.grad(y, (xi, module.bn.weight, module.bn.bias), dy)))
+        for name, got, want in zip(("y", "dx", "dweight", "dbias"), outs[1], outs[0], strict=True):
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused.bn, name), getattr(snippet.bn, name), **tol)
+    snippet.eval(), fused.eval()
+    torch.testing.assert_close(fused(x, mask), snippet(x, mask), **tol)
+
+
+def test_ghost_snippet_is_bnfast_ghost_batch_norm(kernel_path):
+    """The ghost benchmark's baseline (bench/variants.py GhostBatchNorm: torch's BatchNorm per chunk, + ReLU)
+    computes what FusedBatchNorm1d(activation="relu", virtual_batch_size=G) does, in float64 on both plans: y, dx,
+    dweight, dbias over two steps (a last chunk shorter than G), running stats, num_batches_tracked, then eval."""
+    import bnfast
+    from bench import variants
+
+    gen = torch.Generator().manual_seed(4)
+    N, C, G = 11, 3, 4
+    snippet = variants.GhostSnippetReLU(variants.GhostBatchNorm(C, G, dtype=torch.float64))
+    with torch.no_grad():
+        for t in (snippet.bn.weight, snippet.bn.bias, snippet.bn.running_mean):
+            t.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
+    fused = bnfast.FusedBatchNorm1d(C, activation="relu", virtual_batch_size=G, dtype=torch.float64)
+    fused.load_state_dict(snippet.bn.state_dict())
+    tol = dict(rtol=1e-10, atol=1e-12)
+    for _ in range(2):
+        x = torch.randn(N, C, generator=gen, dtype=torch.float64) * 2 + 3
+        dy = torch.randn(N, C, generator=gen, dtype=torch.float64)
+        outs = []
+        for module, bn in ((snippet, snippet.bn), (fused, fused)):
+            xi = x.clone().requires_grad_()
+            y = module(xi)
+            outs.append((y, *torch.autograd.grad(y, (xi, bn.weight, bn.bias), dy)))
+        for name, got, want in zip(("y", "dx", "dweight", "dbias"), outs[1], outs[0], strict=True):
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused, name), getattr(snippet.bn, name), **tol)
+    snippet.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), snippet(x), **tol)
+
+
 def test_sanity_check_runs_and_catches_a_wrong_result(monkeypatch):
     """bench/sanity.py's check on tiny CPU cases (the kernels under the interpreter): passes on bnfast as it is, and
     reports a case whose result is off (here: the reference's tolerance made impossible) without stopping."""

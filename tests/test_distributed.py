@@ -7,6 +7,10 @@ computed; the tests compare in this process against torch's non-synced BatchNorm
 concatenated global batch, in float64: y, dx, the all-reduced dweight/dbias (the sum over ranks: what DDP
 averages), running stats on every rank (bit-identical across ranks), num_batches_tracked, eval outputs; DDP
 training of a converted MLP; `bnfast.recalibrate` on each rank's shard against float64 over all the data.
+Masked cases (`lengths`: valid positions per sample, ragged across ranks, a rank with one valid position or
+none) compare against torch's BatchNorm on the gathered valid positions of all ranks, the padded outputs from
+the same statistics (or pad_value), gradients through both; fewer than 2 valid positions over the group raise on
+every rank before any state changes (and the group goes on).
 A spawn costs a few seconds (each worker imports torch, triton and bnfast), so cases share one.
 """
 
@@ -43,10 +47,21 @@ class Case:
     steps: int = 1
     affine: bool = True
     track: bool = True
+    lengths: tuple | None = None  # masked: valid positions of each sample of the global batch (a prefix of L)
+    pad_value: float | None = None
+    residual: bool = False
 
     @property
     def C(self):
         return self.tail[0]
+
+    def mask(self):
+        """(N, L) (or (N,) for (N, C)) bool: sample n valid on [0, lengths[n]); None when unmasked."""
+        if self.lengths is None:
+            return None
+        L = self.tail[1] if len(self.tail) > 1 else 1
+        mask = torch.arange(L)[None, :] < torch.tensor(self.lengths)[:, None]
+        return mask if len(self.tail) > 1 else mask[:, 0]
 
     def data(self):
         """(initial state, [(x, dy) of the global batch per step]); mean 10, std 3: the shifts matter."""
@@ -63,13 +78,15 @@ class Case:
             (torch.randn(shape, generator=gen, dtype=F64) * 3 + 10, torch.randn(shape, generator=gen, dtype=F64))
             for _ in range(self.steps)
         ]
+        if self.residual:
+            init["residual"] = torch.randn(shape, generator=gen, dtype=F64)
         return init, batches
 
     def state(self, module):
         init, _ = self.data()
         with torch.no_grad():
             for name, value in init.items():
-                if getattr(module, name, None) is not None:
+                if name != "residual" and getattr(module, name, None) is not None:
                     getattr(module, name).copy_(value)
         return module
 
@@ -84,6 +101,27 @@ CASES = [
     Case("NC-3+4-no-affine-no-running", (3, 4), (3,), affine=False, track=False),
     Case("NC-2+3+4-gelu", (2, 3, 4), (4,), "gelu"),
     Case("NCL-3+0+5-relu-cumulative-2-steps", (3, 0, 5), (3, 4), "relu", momentum=None, steps=2),
+    # masked: ragged valid counts per rank (1 + 11, 5 + 2, 1 + 3, 0 + 0 + 6 with a rank of padding only)
+    Case("masked-NCL-2+3-one-valid-on-rank-0-relu-pad", (2, 3), (3, 5), "relu", lengths=(1, 0, 5, 4, 2), pad_value=0.0),
+    Case(
+        "masked-NCL-3+2-silu-cumulative-2-steps",
+        (3, 2),
+        (2, 4),
+        "silu",
+        momentum=None,
+        steps=2,
+        lengths=(4, 0, 1, 2, 0),
+    ),
+    Case(
+        "masked-NC-2+3-leaky_relu-residual-pad",
+        (2, 3),
+        (3,),
+        "leaky_relu",
+        lengths=(0, 1, 1, 1, 1),
+        pad_value=-1.5,
+        residual=True,
+    ),
+    Case("masked-NCL-2+0+3-gelu-padded-rank-pad", (2, 0, 3), (3, 4), "gelu", lengths=(0, 0, 3, 1, 2), pad_value=0.5),
 ]
 RUNS = {"kernels-world2": (2, "1"), "kernels-world3": (3, "1"), "torch-ops-world2": (2, "0")}
 MLP_STEPS, MLP_BATCH = 3, 8
@@ -128,10 +166,13 @@ def _run_case(case, rank, world):
         dtype=F64,
     )
     module = case.state(module)
+    mask = case.mask()[lo:hi] if case.lengths is not None else None
+    residual = case.data()[0]["residual"][lo:hi] if case.residual else None
+    masked = dict(mask=mask, pad_value=case.pad_value) if mask is not None else {}
     out = {"y": [], "dx": [], "dweight": [], "dbias": []}
     for x_all, dy_all in batches:
         x = x_all[lo:hi].clone().requires_grad_()
-        y = module(x)
+        y = module(x, residual, **masked)
         params = [p for p in (module.weight, module.bias) if p is not None]
         dx, *dparams = torch.autograd.grad(y, [x, *params], dy_all[lo:hi])
         for g in dparams:
@@ -148,9 +189,29 @@ def _run_case(case, rank, world):
             out[name] = mine.clone()
             out[f"{name}_same_on_every_rank"] = all(torch.equal(t, mine) for t in every)
         out["num_batches_tracked"] = module.num_batches_tracked.item()
-    if case.track or min(case.sizes) > 1:
-        out["y_eval"] = module.eval()(batches[-1][0][lo:hi]).detach()  # no collective: must not hang
+    if case.track or min(case.sizes) > 1:  # no collective: must not hang
+        out["y_eval"] = module.eval()(batches[-1][0][lo:hi], residual, **masked).detach()
     return out
+
+
+def _run_too_few_valid(rank, world):
+    """One valid position over the group (on the last rank): every rank raises torch's ValueError, with its state
+    unchanged, then the group goes on (a collective afterwards completes)."""
+    module = FusedSyncBatchNorm(3, dtype=F64)
+    x = torch.randn(2, 3, 4, dtype=F64)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    if rank == world - 1:
+        mask[1, 2] = True
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        module(x, mask=mask)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    unchanged = all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+    ok = torch.ones(1)
+    dist.all_reduce(ok)
+    return {"message": message, "unchanged": unchanged, "group_goes_on": ok.item() == world}
 
 
 def _world_size_one_group(rank):
@@ -192,6 +253,7 @@ def _worker(rank, world, store, out_dir):
             for case in _cases(world):
                 results[case.name] = _run_case(case, rank, world)
             results["recalibrate"] = _run_recalibrate(rank, world)
+            results["too-few-valid"] = _run_too_few_valid(rank, world)
             if world == 2:
                 results["world-size-one-group"] = _world_size_one_group(rank)
                 results["ddp"] = _run_ddp(rank, world)
@@ -236,6 +298,8 @@ def runs(tmp_path_factory):
 
 def _reference(case):
     """torch's BatchNorm (non-synced) + the activation on the global batch, stepped like the workers."""
+    if case.lengths is not None:
+        return _masked_reference(case)
     _, batches = case.data()
     bn_type = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(case.tail) + 1]
     bn = case.state(
@@ -257,6 +321,52 @@ def _reference(case):
             running_mean=bn.running_mean, running_var=bn.running_var, num_batches_tracked=bn.num_batches_tracked.item()
         )
     out["eval"] = act.apply(bn.eval()(batches[-1][0])).detach() if case.track else None
+    return out
+
+
+def _masked_reference(case):
+    """torch's BatchNorm1d on the gathered valid positions of the global batch ((M, C) rows) + the residual and the
+    activation; the padded positions normalised with the same batch statistics (taken from the same rows,
+    differentiably), or pad_value; stepped like the workers."""
+    init, batches = case.data()
+    mask, residual = case.mask(), init.get("residual")
+    bn = case.state(
+        nn.BatchNorm1d(case.C, momentum=case.momentum, affine=case.affine, track_running_stats=case.track, dtype=F64)
+    )
+    act = bnfast.resolve_activation(case.activation)
+
+    def finish(z_rows, x):  # (rows, C) in mask order at valid positions, then padded ones -> y of x's shape
+        z = torch.zeros_like(x.movedim(1, -1)).index_put((mask,), z_rows[0]).index_put((~mask,), z_rows[1])
+        z = z.movedim(-1, 1)
+        y = act.apply(z if residual is None else z + residual)
+        if case.pad_value is None:
+            return y
+        return torch.where(mask.unsqueeze(1), y, torch.tensor(case.pad_value, dtype=F64))
+
+    out = {"y": [], "dx": [], "dweight": [], "dbias": []}
+    for x_all, dy_all in batches:
+        x = x_all.clone().requires_grad_()
+        rows, padded = x.movedim(1, -1)[mask], x.movedim(1, -1)[~mask]
+        z_valid = bn(rows)
+        mean, var = rows.mean(0), rows.var(0, unbiased=False)
+        z_pad = (padded - mean) * torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            z_pad = z_pad * bn.weight + bn.bias
+        y = finish((z_valid, z_pad), x)
+        params = [p for p in (bn.weight, bn.bias) if p is not None]
+        dx, *dparams = torch.autograd.grad(y, [x, *params], dy_all)
+        out["y"].append(y.detach())
+        out["dx"].append(dx)
+        for name, g in zip(("dweight", "dbias"), dparams, strict=False):
+            out[name].append(g)
+    if case.track:
+        out.update(
+            running_mean=bn.running_mean, running_var=bn.running_var, num_batches_tracked=bn.num_batches_tracked.item()
+        )
+        x = batches[-1][0]
+        with torch.no_grad():  # eval: the running stats everywhere; the mask only places pad_value
+            bn.eval()
+            out["eval"] = finish((bn(x.movedim(1, -1)[mask]), bn(x.movedim(1, -1)[~mask])), x)
     return out
 
 
@@ -286,6 +396,7 @@ def test_sync_matches_the_global_batch(runs, run, case):
             assert got["num_batches_tracked"] == ref["num_batches_tracked"] == case.steps
             torch.testing.assert_close(got["y_eval"], ref["eval"][rows], **TOL)
         elif "y_eval" in got:  # no running stats: eval uses this rank's own batch, without sync
+            assert case.lengths is None
             act = bnfast.resolve_activation(case.activation)
             x = case.data()[1][-1][0][rows]
             torch.testing.assert_close(got["y_eval"], act.apply(F.batch_norm(x, None, None, training=True)), **TOL)
@@ -316,6 +427,15 @@ def test_recalibrate_across_ranks_equals_float64_over_all_shards(runs, run):
             got_mean, got_var = result["recalibrate"][name]
             torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=1e-12, msg=f"rank {rank} {name} mean")
             torch.testing.assert_close(got_var, var, rtol=1e-12, atol=1e-12, msg=f"rank {rank} {name} var")
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_masked_too_few_valid_positions_raise_on_every_rank_before_any_state_change(runs, run):
+    for rank, result in enumerate(runs(run)):
+        got = result["too-few-valid"]
+        assert got["message"] is not None, f"rank {rank} did not raise"
+        assert got["message"].startswith("Expected more than 1 value per channel when training, got 1 valid")
+        assert got["unchanged"] and got["group_goes_on"], f"rank {rank}: {got}"
 
 
 def test_world_size_one_is_the_plain_module(runs):

@@ -275,10 +275,19 @@ def test_errors_before_any_state_change():
     assert bool((y == 3.0).all())
 
 
-def test_sync_batch_norm_refuses_mask():
-    mod = bnfast.FusedSyncBatchNorm(3)
-    with pytest.raises(NotImplementedError, match="mask"):
-        mod(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool))
+def test_sync_batch_norm_without_process_group_is_the_plain_masked_module():
+    """No process group: masked FusedSyncBatchNorm is masked FusedBatchNorm1d (across ranks: test_distributed)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    mask = _lengths_mask(4, 5, g)
+    sync = bnfast.FusedSyncBatchNorm(3, activation="relu", dtype=torch.float64)
+    plain = bnfast.FusedBatchNorm1d(3, activation="relu", dtype=torch.float64)
+    for mode in (True, False):
+        sync.train(mode), plain.train(mode)
+        assert torch.equal(sync(x, mask=mask, pad_value=0.0), plain(x, mask=mask, pad_value=0.0))
+    assert torch.equal(sync.running_var, plain.running_var)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        sync.train()(x, mask=torch.zeros(4, 5, dtype=torch.bool))
 
 
 def test_torch_fallback_matches_kernels(monkeypatch):

@@ -223,7 +223,7 @@ def test_channels_last_rows_merge_into_one_axis():
         )
     name, _, args, kwargs = log[0]
     assert name == "_bn_fwd_single_kernel"
-    N, C, S = args[13:16]  # after its 13 pointers (the mask's last)
+    N, C, S = args[14:17]  # after its 14 pointers (the mask's last)
     assert (N, C, S) == (4 * 49, 32, 1) and kwargs["BLOCK_S"] == 1, (name, N, C, S, kwargs)
     x3 = torch.empty(4, 49, 32, device="meta").transpose(1, 2)  # (N, C, L) channels-last; y will be NCL
     with bnfast.testing.record_launches() as log:
@@ -241,4 +241,4 @@ def test_channels_last_rows_merge_into_one_axis():
             activation="relu",
             act_param=0.0,
         )
-    assert tuple(log[0][2][13:16]) == (4, 32, 49)
+    assert tuple(log[0][2][14:17]) == (4, 32, 49)

@@ -38,7 +38,7 @@ _INTERPRETED = is_interpreted()
 
 def uses_triton(x: torch.Tensor) -> bool:
     """True when `x` is computed by the Triton kernels, False when by the torch fallback."""
-    return x.is_cuda or (_INTERPRETED and x.device.type == "cpu")
+    return x.is_cuda or (_INTERPRETED and x.is_cpu)  # is_cpu: x.device.type without building a torch.device
 
 
 _is_traced = ops.is_traced
@@ -349,24 +349,6 @@ def batch_norm_impl(
             act,
             residual,
         )
-    if mask is None:
-        return ops.batch_norm(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            num_batches_tracked if cumulative else None,
-            training,
-            factor,
-            cumulative,
-            eps,
-            act.name,
-            act.param,
-            residual,
-            *((None, None, virtual_batch_size) if ghost else ()),
-            traced=traced,
-        )
     return ops.batch_norm(
         x,
         weight,
@@ -383,6 +365,7 @@ def batch_norm_impl(
         residual,
         mask,
         pad_value,
+        virtual_batch_size if ghost else None,
         traced=traced,
     )
 

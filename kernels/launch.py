@@ -24,6 +24,8 @@ floats, constexprs). The first launch of a configuration goes through Triton's `
 directly, keyed on everything Triton specialises on (see "direct launch" below; BNFAST_DIRECT_LAUNCH=0 or a Triton
 other than 3.6/3.8 turns it off; the interpreter always takes kernel[grid]). Triton launches on the current
 device: `_launch` makes the tensors' device current when it is not (one integer comparison otherwise).
+`bn_fwd` / `bn_bwd` keep a launch plan per call signature (see "launch plans" below): after the first call, the
+stages' views, configuration and arguments are not rebuilt; the same launches are replayed with the call's tensors.
 
 Tests and tools steer the plan through `bnfast.testing.force_plan` (it sets `PLAN_OVERRIDE`, which is part of
 the memoised configuration's key), and record launches by swapping the kernels on `kernels.batch_norm` (stages
@@ -37,6 +39,7 @@ import functools
 import inspect
 import operator
 import os
+from math import copysign
 from typing import NamedTuple
 
 import torch
@@ -400,6 +403,7 @@ def _active_driver():
             get_device = torch._C._cuda_getDevice  # the same answer once CUDA is initialised, without the Python
         _DRIVER[:] = active, get_device, active.set_current_device, active.get_current_stream
         _DIRECT.clear()  # launchers belong to the driver that loaded them
+        _GENERATION[0] += 1
     return _DRIVER
 
 
@@ -408,6 +412,8 @@ def _launch(name, grid, num_warps, device, ptrs, ints, floats, consts):
     recorders) with the arguments in its signature's order: pointers (tensors), integers, floats, constexprs.
     `device` is the tensors' device index (`Tensor.get_device()`): the launch runs on it and on its current
     stream, switching the current device only when it differs (the common case costs one comparison)."""
+    if _CAPTURE is not None:  # a launch plan is being captured (see "launch plans")
+        _CAPTURE.append((name, grid, num_warps, device, ptrs, ints, floats, consts))
     kernel = getattr(_k, name)
     if DIRECT_LAUNCH and _DRIVER[0] is _DRIVER_CONFIG._active:
         key = (
@@ -493,9 +499,162 @@ class _on_device:
 def clear_direct_cache():
     """Forget every cached launch (the next launch of each configuration goes through kernel[grid] again)."""
     _DIRECT.clear()
+    _GENERATION[0] += 1  # the launch plans' entries too
 
 
 DIRECT_LAUNCH = _direct_launch_default()  # bnfast.testing and the host-time benchmark may switch it at run time
+
+
+# ----------------------------------------------------------------------------------------------- launch plans
+# A layer calls bn_fwd / bn_bwd with the same layout step after step, and everything they derive from it (the
+# (N, C, S) views, the configuration, each launch's integers, floats, constexprs and grid) is the same each time.
+# So the first call of a signature runs the stages (`_bn_fwd` / `_bn_bwd`) while `_launch` records what it is
+# handed (`_CAPTURE`), and `_plan` turns that into a `_Plan`: the outputs' layouts, and per launch its constant
+# arguments and which of the call's tensors (by position: inputs, then outputs) each pointer is. Later calls of
+# the signature allocate outputs of the same layouts and replay the launches with their own tensors: the same
+# arguments to the same kernels, so the same bits (tests/test_launch_plans.py). The signature (`bn_fwd`,
+# `bn_bwd`) holds every argument the stages read except the tensors' data: shapes and strides, dtypes, the device
+# index and its SM count, vectors' dtype and stride, every flag and float (with its sign: -0.0 == 0.0 in a key),
+# and PLAN_OVERRIDE. A call is not planned (the stages run every time) when a pointer is none of the call's
+# tensors (a contiguous copy, a mask view, a split plan's workspace), when two of its tensors are the same object
+# (which one a pointer is would be ambiguous), or with a mask. Each replayed launch goes direct when the launch's
+# direct entry is current (see "direct launch"), through `_launch` otherwise (kernel[grid], the interpreter, a
+# recorder), which then refreshes the entry. BNFAST_LAUNCH_PLANS=0 (or LAUNCH_PLANS = False) turns plans off.
+LAUNCH_PLANS = os.environ.get("BNFAST_LAUNCH_PLANS", "1") != "0"
+_PLANS: dict = {}  # signature -> _Plan
+_PLANS_MAX = 4096  # entries; emptied when full
+_CAPTURE: list | None = None  # while a plan is captured: _launch appends its arguments here
+_GENERATION = [0]  # bumped whenever cached launchers must not be used any more (clear_direct_cache)
+
+
+class _Step:
+    """One launch of a plan: its constant arguments, where its pointers come from, its direct entry if known."""
+
+    __slots__ = (
+        "name",
+        "grid",
+        "num_warps",
+        "device",
+        "pointers",
+        "unique",
+        "ints",
+        "floats",
+        "consts",
+        "tail",
+        "dtypes",
+        "entry",
+        "valid",
+    )
+
+    def __init__(self, name, grid, num_warps, device, slots, ptrs, ints, floats, consts):
+        self.name, self.grid, self.num_warps, self.device = name, grid, num_warps, device
+        self.pointers = _getter(slots)
+        self.unique = _getter(sorted(set(slots)))
+        self.ints, self.floats, self.consts = ints, floats, consts
+        self.tail = (*ints, *floats, *consts)
+        self.dtypes = tuple(map(_dtype_of, ptrs))
+        self.entry, self.valid = None, None
+
+    def refresh(self):
+        """After a launch through `_launch`: the direct entry it left, valid under the current knobs."""
+        knobs = (_RUNTIME_KNOBS.debug, _COMPILATION_KNOBS.instrumentation_mode)
+        key = (self.name, self.device, self.num_warps, self.consts, self.ints, self.dtypes, *knobs)
+        self.entry = _DIRECT.get(key)
+        self.valid = (_GENERATION[0], *knobs)
+
+
+def _getter(slots):
+    """`table -> tuple of table[i] for i in slots`, in C (operator.itemgetter), a tuple even for one slot."""
+    if len(slots) == 1:
+        index = slots[0]
+        return lambda table: (table[index],)
+    return operator.itemgetter(*slots)
+
+
+class _Plan:
+    __slots__ = ("outputs", "steps")
+
+    def __init__(self, outputs, steps):
+        self.outputs, self.steps = outputs, steps
+
+    def run(self, inputs: tuple, like: torch.Tensor) -> tuple:
+        """Allocate the outputs (on `like`'s device), replay the launches with `inputs` + outputs; the outputs."""
+        outputs = tuple(None if o is None else like.new_empty_strided(o[0], o[1], dtype=o[2]) for o in self.outputs)
+        table = inputs + outputs
+        for step in self.steps:
+            ptrs = step.pointers(table)
+            kernel = getattr(_k, step.name)
+            entry = step.entry
+            if (
+                entry is not None
+                and entry[0] is kernel
+                and DIRECT_LAUNCH
+                and _DRIVER[0] is _DRIVER_CONFIG._active
+                and step.valid == (_GENERATION[0], _RUNTIME_KNOBS.debug, _COMPILATION_KNOBS.instrumentation_mode)
+                and not functools.reduce(operator.or_, map(_data_ptr, step.unique(table))) & 15
+            ):
+                device = step.device
+                if device == _DRIVER[1]():
+                    _direct(entry, step.grid, device, (*ptrs, *step.tail))
+                else:
+                    with _on_device(device):
+                        _direct(entry, step.grid, device, (*ptrs, *step.tail))
+                continue
+            _launch(step.name, step.grid, step.num_warps, step.device, ptrs, step.ints, step.floats, step.consts)
+            step.refresh()
+        return outputs
+
+
+def _capture_plan(key, inputs: tuple, stages, *args, **kwargs):
+    """`stages(*args, **kwargs)` (whose result is its outputs), captured into the plan of signature `key` when it
+    can be replayed; `inputs` are the call's tensors in the signature's order (None where absent)."""
+    global _CAPTURE
+    outer, _CAPTURE = _CAPTURE, []
+    try:
+        outputs = stages(*args, **kwargs)
+        launches = _CAPTURE
+    finally:
+        _CAPTURE = outer
+    plan = _plan(inputs, tuple(outputs), launches)
+    if plan is not None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return outputs
+
+
+def _plan(inputs, outputs, launches) -> "_Plan | None":
+    """The plan of a captured call (see above), or None when it cannot be replayed."""
+    table = inputs + outputs
+    present = [t for t in table if t is not None]
+    slot_of = {id(t): i for i, t in enumerate(table) if t is not None}
+    if len(slot_of) != len(present) or not all(o is None or _fresh(o, inputs) for o in outputs):
+        return None  # two slots hold the same tensor, or an output is not a fresh allocation
+    steps = []
+    for name, grid, num_warps, device, ptrs, ints, floats, consts in launches:
+        slots = [slot_of.get(id(p)) for p in ptrs]
+        if None in slots:
+            return None  # a tensor made inside the stages: a copy, a view, a workspace
+        step = _Step(name, grid, num_warps, device, slots, ptrs, ints, floats, consts)
+        step.refresh()
+        steps.append(step)
+    layouts = tuple(None if o is None else (tuple(o.shape), o.stride(), o.dtype) for o in outputs)
+    return _Plan(layouts, steps)
+
+
+def _fresh(t: torch.Tensor, inputs) -> bool:
+    """`t` is a tensor of its own (a fresh allocation): no view, and none of the inputs' storage."""
+    ptr = t.untyped_storage().data_ptr()
+    return (
+        t._base is None
+        and t.storage_offset() == 0
+        and all(i is None or i.untyped_storage().data_ptr() != ptr or ptr == 0 for i in inputs)
+    )
+
+
+def _vec_key(t: torch.Tensor | None):
+    """What the stages read of a (C,) vector besides its data: its dtype and stride."""
+    return None if t is None else (t.dtype, t.stride(0))
 
 
 # fmt: off
@@ -736,6 +895,103 @@ def bn_fwd(
     pad_value=None,
     chunk=None,
 ):
+    """Forward: `_bn_fwd` (what it computes and returns), replayed from its launch plan when the call's signature
+    has one (see "launch plans"; the signature lists every argument: tests/test_launch_plans.py checks it)."""
+    if LAUNCH_PLANS and mask is None and pad_value is None:
+        device = x.get_device()
+        key = (
+            "fwd",
+            x.shape,
+            x.stride(),
+            x.dtype,
+            device,
+            _sm_count(device),
+            _vec_key(weight),
+            _vec_key(bias),
+            _vec_key(running_mean),
+            _vec_key(running_var),
+            None if num_batches_tracked is None else num_batches_tracked.dtype,
+            training,
+            cumulative,
+            activation,
+            momentum,
+            eps,
+            act_param,
+            copysign(1.0, momentum),
+            copysign(1.0, eps),
+            copysign(1.0, act_param),
+            None if running_out is None else (_vec_key(running_out[0]), _vec_key(running_out[1])),
+            None if residual is None else (residual.shape, residual.stride(), residual.dtype),
+            chunk,
+            PLAN_OVERRIDE,
+        )
+        inputs = (x, weight, bias, running_mean, running_var, num_batches_tracked, residual)
+        if running_out is not None:
+            inputs += tuple(running_out)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan.run(inputs, x)
+        return _capture_plan(
+            key,
+            inputs,
+            _bn_fwd,
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            training=training,
+            momentum=momentum,
+            cumulative=cumulative,
+            eps=eps,
+            activation=activation,
+            act_param=act_param,
+            running_out=running_out,
+            residual=residual,
+            chunk=chunk,
+        )
+    return _bn_fwd(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        training=training,
+        momentum=momentum,
+        cumulative=cumulative,
+        eps=eps,
+        activation=activation,
+        act_param=act_param,
+        running_out=running_out,
+        residual=residual,
+        mask=mask,
+        pad_value=pad_value,
+        chunk=chunk,
+    )
+
+
+def _bn_fwd(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    *,
+    training,
+    momentum,
+    cumulative,
+    eps,
+    activation,
+    act_param,
+    running_out=None,
+    residual=None,
+    mask=None,
+    pad_value=None,
+    chunk=None,
+):
     """Forward. Returns (y, mean, rstd): the batch mean and rstd in ACC when training (saved for the backward),
     0-element tensors in eval (the backward then reads the running stats).
     `chunk` (ghost BatchNorm, training; no mask): samples [0, chunk), [chunk, 2 chunk), ... are normalised with
@@ -827,6 +1083,106 @@ def bn_fwd(
 
 
 def bn_bwd(
+    dy,
+    x,
+    weight,
+    bias,
+    mean,
+    stat,
+    *,
+    training,
+    eps,
+    activation,
+    act_param,
+    needs_dx=True,
+    needs_dw=True,
+    needs_db=True,
+    residual=None,
+    needs_dr=False,
+    mask=None,
+    pad_value=None,
+    chunk=None,
+):
+    """Backward: `_bn_bwd` (what it computes and returns), replayed from its launch plan when the call's
+    signature has one (see "launch plans"; the signature lists every argument: tests/test_launch_plans.py)."""
+    if LAUNCH_PLANS and mask is None and pad_value is None:
+        device = x.get_device()
+        key = (
+            "bwd",
+            x.shape,
+            x.stride(),
+            x.dtype,
+            device,
+            _sm_count(device),
+            dy.shape,
+            dy.stride(),
+            dy.dtype,
+            _vec_key(weight),
+            _vec_key(bias),
+            _vec_key(mean),
+            _vec_key(stat),
+            training,
+            activation,
+            eps,
+            act_param,
+            copysign(1.0, eps),
+            copysign(1.0, act_param),
+            needs_dx,
+            needs_dw,
+            needs_db,
+            needs_dr,
+            None if residual is None else (residual.shape, residual.stride(), residual.dtype),
+            chunk,
+            PLAN_OVERRIDE,
+        )
+        inputs = (dy, x, weight, bias, mean, stat, residual)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan.run(inputs, x)
+        return _capture_plan(
+            key,
+            inputs,
+            _bn_bwd,
+            dy,
+            x,
+            weight,
+            bias,
+            mean,
+            stat,
+            training=training,
+            eps=eps,
+            activation=activation,
+            act_param=act_param,
+            needs_dx=needs_dx,
+            needs_dw=needs_dw,
+            needs_db=needs_db,
+            residual=residual,
+            needs_dr=needs_dr,
+            chunk=chunk,
+        )
+    return _bn_bwd(
+        dy,
+        x,
+        weight,
+        bias,
+        mean,
+        stat,
+        training=training,
+        eps=eps,
+        activation=activation,
+        act_param=act_param,
+        needs_dx=needs_dx,
+        needs_dw=needs_dw,
+        needs_db=needs_db,
+        residual=residual,
+        needs_dr=needs_dr,
+        mask=mask,
+        pad_value=pad_value,
+        chunk=chunk,
+    )
+
+
+def _bn_bwd(
     dy,
     x,
     weight,

@@ -114,6 +114,35 @@ def main():
         result["same_arguments"] = _same(first, second)
         result["arguments_count"] = len(first[4])
 
+        # a launch plan (bn_fwd's second call of a signature): replayed direct, and the launcher gets what
+        # JITFunction.run gave it on the first call, each tensor in the same role (the call's own tensors)
+        fwd_counted = Counted(_k._bn_fwd_single_kernel)
+        launch.clear_direct_cache()
+        launch._PLANS.clear()
+        w, b, rm, rv = _vec(), _vec(), torch.zeros(C), torch.ones(C)
+        calls = []
+        for _ in range(3):
+            x = torch.randn(16, C)
+            runs = fwd_counted.calls
+            outs = launch.bn_fwd(
+                x,
+                w,
+                b,
+                rm,
+                rv,
+                None,
+                training=True,
+                momentum=0.1,
+                cumulative=False,
+                eps=1e-5,
+                activation="relu",
+                act_param=0.0,
+            )
+            calls.append((fwd_counted.calls - runs, _roles(standin.launches[-1], (x, w, b, rm, rv, *outs))))
+        result["plan_runs"] = [c[0] for c in calls]
+        result["plan_same_arguments"] = all(_same(calls[0][1], c[1]) for c in calls[1:])
+        result["plan_planned"] = len(launch._PLANS)
+
         # off switch at run time: every launch through JITFunction.run
         launch.DIRECT_LAUNCH = False
         runs = counted.calls
@@ -129,6 +158,18 @@ def main():
         result["recorded"] = [entry[0] for entry in log]
         result["launched_while_recording"] = len(standin.launches) - launched
     print(json.dumps(result))
+
+
+def _roles(record, tensors):
+    """A recorded launcher call with each tensor argument replaced by its position among `tensors` (-1: none)."""
+    name, grid, stream, function, args = record
+
+    def role(v):
+        if isinstance(v, torch.Tensor):
+            return ("tensor", next((i for i, t in enumerate(tensors) if t is v), -1))
+        return v
+
+    return name, grid, stream, function, tuple(role(a) for a in args)
 
 
 def _same(a, b):

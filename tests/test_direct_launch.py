@@ -73,9 +73,15 @@ def test_the_key_is_never_coarser_than_triton_s(checks):
 def test_direct_launch_hands_the_launcher_exactly_what_jitfunction_run_hands_it(checks):
     assert checks["same_arguments_runs"] == 1  # the first through JITFunction.run, the second direct
     assert checks["same_arguments"]
-    assert (
-        checks["arguments_count"] == 4 + 41
-    )  # packed and launch metadata, two hooks; the kernel's 41 (5 mask, 2 ghost)
+    assert checks["arguments_count"] == 4 + 41  # metadata, two hooks; the kernel's 41 (5 mask, 2 ghost)
+
+
+def test_a_launch_plan_replays_direct_with_jitfunction_run_s_arguments(checks):
+    """bn_fwd's first call of a signature launches through JITFunction.run and captures a plan; the next calls
+    replay it direct, handing the launcher the same arguments, each tensor in the same role."""
+    assert checks["plan_planned"] == 1
+    assert checks["plan_runs"] == [1, 0, 0]
+    assert checks["plan_same_arguments"]
 
 
 def test_device_guard_switches_only_when_the_device_differs_and_restores(checks):

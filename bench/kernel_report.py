@@ -115,7 +115,7 @@ MATRICES = {
         (HEAVY_SHAPES + [(67, 5)], HEAVY_BACKWARD_VARIANTS),
         # ghost BatchNorm (the GHOST constexpr: chunk-major grid, per-chunk pointers; the running-stats kernel),
         # the benchmarked case among them, both plans
-        (list(GHOST_REPORT_CASES), [(d, "relu", "ghost") for d in ("float32", "bfloat16")], LAYOUTS),
+        (list(GHOST_REPORT_CASES), [("float32", "relu", "ghost")], LAYOUTS),
     ],
     "heavy": [(HEAVY_SHAPES + [(67, 5)], HEAVY_BACKWARD_VARIANTS + [("float64", "mish")])],
     # what the benchmarks run (bench/test_batch_norm.py): the figures the GPU run reports depend on these compiling

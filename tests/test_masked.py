@@ -246,7 +246,8 @@ def test_gradcheck(kernel_path, pad_value):
         mask=mask,
         pad_value=pad_value,
     )
-    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+    # the split plan's many tiny tiles run ~3x longer under the interpreter: a random projection of its Jacobian
+    assert torch.autograd.gradcheck(fn, (x, w, b, r), fast_mode=kernel_path == "split")
 
 
 def test_errors_before_any_state_change():

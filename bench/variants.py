@@ -23,6 +23,18 @@ from bench import harness
 from bench.cases import VariantCase
 
 
+def _grad_step(module: nn.Module):
+    """step(x, *other inputs, dy) -> (y, dx, dweight, dbias): one fwd+bwd of `module(x, *other inputs)`."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step(x, *rest):
+        *inputs, dy = rest
+        y = module(x, *inputs)
+        return (y, *torch.autograd.grad(y, (x, *params), dy))
+
+    return step
+
+
 class MaskedBatchNorm1d(nn.BatchNorm1d):
     """The Python masked BatchNorm users copy today (no library provides one): batch statistics over the valid
     positions by masked sums, running stats with the unbiased factor M/(M-1), every position normalised."""
@@ -96,16 +108,7 @@ class _Masked:
             out.append((x.requires_grad_(), mask, dy))
         return out
 
-    @staticmethod
-    def step(module: nn.Module):
-        """step(x, mask, dy) -> (y, dx, dweight, dbias)."""
-        params = [p for p in module.parameters() if p.requires_grad]
-
-        def step(x, mask, dy):
-            y = module(x, mask)
-            return (y, *torch.autograd.grad(y, (x, *params), dy))
-
-        return step
+    step = staticmethod(_grad_step)  # step(x, mask, dy) -> (y, dx, dweight, dbias)
 
 
 class GhostBatchNorm(nn.BatchNorm1d):
@@ -167,16 +170,7 @@ class _Ghost:
             out.append((x.to(case.base.torch_dtype).requires_grad_(), dy))
         return out
 
-    @staticmethod
-    def step(module: nn.Module):
-        """step(x, dy) -> (y, dx, dweight, dbias)."""
-        params = [p for p in module.parameters() if p.requires_grad]
-
-        def step(x, dy):
-            y = module(x)
-            return (y, *torch.autograd.grad(y, (x, *params), dy))
-
-        return step
+    step = staticmethod(_grad_step)  # step(x, dy) -> (y, dx, dweight, dbias)
 
 
 VARIANTS = {"masked": _Masked, "ghost": _Ghost}

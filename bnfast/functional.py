@@ -231,11 +231,10 @@ def virtual_batch_size_of(chunk) -> int:
     return operator.index(chunk)
 
 
-def _check_virtual_batch_size(x: torch.Tensor, chunk, mask, training: bool) -> int:
-    """Ghost BatchNorm's G: a positive integer (ValueError otherwise), without a mask; in training every chunk
-    must hold more than one value per channel (torch's ValueError and message for the shortest chunk, the last).
-    Returns the number of chunks (1 in eval, where G changes nothing)."""
-    chunk = virtual_batch_size_of(chunk)
+def _check_virtual_batch_size(x: torch.Tensor, chunk: int, mask, training: bool) -> int:
+    """Ghost BatchNorm's G (already `virtual_batch_size_of`'s int) without a mask; in training every chunk must hold
+    more than one value per channel (torch's ValueError and message for the shortest chunk, the last). Returns the
+    number of chunks (1 in eval, where G changes nothing)."""
     if mask is not None:
         raise ValueError("bnfast.batch_norm: virtual_batch_size and mask cannot be combined")
     if not training:

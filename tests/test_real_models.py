@@ -327,3 +327,27 @@ def test_timm_frozen_norm_act():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         assert_near(converted(x), original(x), ref64(x.double()), "timm frozen eval")
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "resnet18"])
+def test_ghost_batch_norm_on_a_real_model_is_the_model_run_per_chunk(name):
+    """virtual_batch_size on every BatchNorm of a converted torchvision model: everything else in the model is per
+    sample, so its training step on the batch is torch's model run on each chunk in order (outputs, parameter
+    gradients summed over the chunks, running stats and counters after the last chunk), in float64."""
+    build, shape = MODELS[name]
+    torch_model = randomized(build()).double().to(DEVICE)
+    ours = bnfast.convert(copy.deepcopy(torch_model), trace=True)
+    for m in bnfast_bns(ours).values():
+        m.virtual_batch_size = 2
+    x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
+    cotangent = torch.randn(4, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
+    y, grads, buffers = step(ours, x, cotangent)
+    torch_model.zero_grad(set_to_none=True)
+    y_ref = torch.cat([torch_model(chunk) for chunk in x.split(2)])
+    y_ref.backward(cotangent)
+    tol = dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(y, y_ref.detach(), **tol)
+    for n, p in torch_model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, **tol, msg=lambda m, n=n: f"{n}: {m}")
+    for n, b in torch_model.named_buffers():
+        torch.testing.assert_close(buffers[n], b, **tol, msg=lambda m, n=n: f"{n}: {m}")

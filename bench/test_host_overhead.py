@@ -9,6 +9,8 @@ round by round (minimum over rounds; each round runs the step `iterations` times
   is `bnfast.testing.standin_driver()`: Triton really binds, specialises, looks up its cache (and compiles for
   sm_90 with ptxas on the first call); only the launcher's C call (argument packing, cuLaunchKernel: the same
   for any Triton kernel, a few us) is replaced by a recorder. With CUDA, the real driver on CUDA tensors.
+- "bnfast-function": the same with the eager entry's torch.autograd.Function (`bnfast.testing.eager_entry`)
+  instead of the C++ autograd node (bnfast.native), where the node can be built (otherwise both rows are this).
 - "bnfast-grid": the same with bnfast's direct launch turned off (`launch.DIRECT_LAUNCH = False`): every
   launch through Triton's `kernel[grid](...)`, i.e. `JITFunction.run`.
 - "bnfast-own": launches recorded by `bnfast.testing.record_launches` (no Triton at all, direct launch off):
@@ -18,6 +20,8 @@ round by round (minimum over rounds; each round runs the step `iterations` times
   protocol's 13 inputs, y alone) that only allocates: what any Function-based layer pays torch (apply, save,
   the engine). Beside it the same with 13 inputs and 3 outputs (the entry before) and with 4 inputs, 1 output
   (the fewest a BN entry could take): how the floor grows with inputs and outputs.
+- "native-floor": the C++ node (bnfast/csrc/autograd_node.cpp) around allocate-only forward and backward
+  callbacks: what a layer pays torch through the node (the "autograd-floor" row's counterpart).
 - "torch": torch's CPU F.batch_norm + F.relu, really computing (tiny).
 
     python -m bench.test_host_overhead [--rounds 200] [--iterations 10] [--json PATH]   # TRITON_INTERPRET unset
@@ -38,7 +42,17 @@ import timeit
 import pytest
 
 SHAPE = (32, 32)  # the MNIST layer
-PROVIDERS = ("bnfast", "bnfast-grid", "bnfast-own", "autograd-floor", "floor-13in-3out", "floor-4in-1out", "torch")
+PROVIDERS = (
+    "bnfast",
+    "bnfast-function",
+    "bnfast-grid",
+    "bnfast-own",
+    "native-floor",
+    "autograd-floor",
+    "floor-13in-3out",
+    "floor-4in-1out",
+    "torch",
+)
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -64,6 +78,22 @@ def _floor_function(torch, outputs: int):
             return *grads, *(None,) * (ctx.inputs - 3)
 
     return _AllocateOnly
+
+
+def _native_floor(torch, node, args):
+    """The C++ node's floor: its apply around callbacks that allocate what bnfast's forward and backward do."""
+
+    def forward(inputs):
+        x = inputs[0]
+        C = x.shape[1]
+        y, mean, rstd = torch.empty_like(x), x.new_empty(C), x.new_empty(C)
+        return y, (x, inputs[1], inputs[2], mean, rstd, None, None), None
+
+    def backward(state, needs, dy, x, weight, bias, *_):
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), None
+
+    x, w, b, r, inputs = args
+    return lambda x: node.apply(forward, backward, x, w, b, r, inputs)
 
 
 # the floors: allocate-only autograd.Functions called with: the eager entry's inputs (ops.BatchNormFunction:
@@ -125,7 +155,11 @@ def measure(rounds: int, iterations: int) -> dict:
         def torch_forward(x):
             return F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
 
-        forwards = {"bnfast": module, "bnfast-grid": module, "bnfast-own": module}
+        node = bnfast.ops.native_node() if hasattr(bnfast.ops, "native_node") else None
+        out["native"] = node is not None
+        forwards = {"bnfast": module, "bnfast-function": module, "bnfast-grid": module, "bnfast-own": module}
+        if node is not None:
+            forwards["native-floor"] = _native_floor(torch, node, (x, w, b, None, full))
         forwards.update({name: floor_forward(*floors[name]) for name in FLOORS})
         forwards["torch"] = torch_forward
         with testing.record_launches() as log:
@@ -152,7 +186,8 @@ def measure(rounds: int, iterations: int) -> dict:
                 if direct is not None:
                     launch.DIRECT_LAUNCH = direct and provider == "bnfast"  # -own: key building counts as Triton's
                 ctx = testing.record_launches() if provider == "bnfast-own" else contextlib.nullcontext()
-                with ctx as recorded:
+                entry = testing.eager_entry("function") if provider == "bnfast-function" else contextlib.nullcontext()
+                with entry, ctx as recorded:
                     step()  # warm-up (and the first compile)
                     t = timeit.timeit(step, number=iterations) / iterations
                     if recorded is not None:
@@ -178,9 +213,11 @@ def format_table(result: dict) -> str:
     us, d = result["us"], result["derived"]
     rows = [
         ("bnfast (module, Triton's launch included)", "bnfast"),
+        ("bnfast, the torch.autograd.Function entry", "bnfast-function"),
         ("bnfast, every launch through kernel[grid]", "bnfast-grid"),
         ("bnfast's own Python + torch (launches recorded)", "bnfast-own"),
-        (f"autograd floor: the eager entry's {result['floor_inputs']} inputs, y alone", "autograd-floor"),
+        ("autograd floor: the C++ node (bnfast.native), allocating", "native-floor"),
+        (f"autograd floor: the Function entry's {result['floor_inputs']} inputs, y alone", "autograd-floor"),
         ("autograd floor: 13 inputs, y + mean + rstd (the entry before)", "floor-13in-3out"),
         ("autograd floor: 4 inputs (x, weight, bias, one object), y alone", "floor-4in-1out"),
         ("torch F.batch_norm + relu, computing", "torch"),
@@ -190,7 +227,7 @@ def format_table(result: dict) -> str:
         "| per layer call | forward | forward+backward |",
         "|---|---|---|",
     ]
-    lines += [f"| {label} | {us['fwd'][p]:.1f} us | {us['fwd+bwd'][p]:.1f} us |" for label, p in rows]
+    lines += [f"| {label} | {us['fwd'][p]:.1f} us | {us['fwd+bwd'][p]:.1f} us |" for label, p in rows if p in us["fwd"]]
     lines.append(
         f"| Triton's share per launch: direct / kernel[grid] | | {d['triton_per_launch_direct']:.1f} / "
         f"{d['triton_per_launch_grid']:.1f} us ({d['launches_per_fwd_bwd']} launches) |"

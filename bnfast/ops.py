@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from . import native
 from .activations import Activation
 from .kernels import launch
 
@@ -229,29 +230,45 @@ def _setup_context(ctx, inputs, output):
     _save(ctx, BatchNormInputs(*inputs), output[1], output[2], _RESIDUAL)
 
 
-def _save(ctx, i: BatchNormInputs, mean, rstd, residual_index: int):
-    """Both entries: what the backward needs (see the module docstring); `residual_index` is the residual's
-    position among the entry's inputs (the op's 12, the eager Function's 3)."""
-    ctx.residual_index = residual_index
+def _saved(i: BatchNormInputs, mean, rstd) -> tuple[tuple, tuple]:
+    """Every entry: what the backward needs (see the module docstring), as (tensors, state): the tensors
+    (x, weight, bias, the two stats, the residual, the mask; None where absent) and the scalars `_grads` reads."""
     kept_residual = i.residual if i.activation else None  # act'(z) needs z = BN(x) + residual; dy needs nothing
     kept_mask = i.mask if i.training or i.pad_value is not None else None  # eval without a pad: it changes nothing
     if i.training:
-        ctx.save_for_backward(i.x, i.weight, i.bias, mean, rstd, kept_residual, kept_mask)
+        tensors = (i.x, i.weight, i.bias, mean, rstd, kept_residual, kept_mask)
     else:  # eval: the running stats are constants of the backward
-        ctx.save_for_backward(i.x, i.weight, i.bias, i.running_mean, i.running_var, kept_residual, kept_mask)
-    ctx.training, ctx.eps, ctx.activation, ctx.act_param = i.training, i.eps, i.activation, i.act_param
-    ctx.pad_value = i.pad_value
-    ctx.chunk = i.virtual_batch_size if i.training else None
+        tensors = (i.x, i.weight, i.bias, i.running_mean, i.running_var, kept_residual, kept_mask)
+    chunk = i.virtual_batch_size if i.training else None
+    return tensors, (i.training, i.eps, i.activation, i.act_param, i.pad_value, chunk)
+
+
+def _save(ctx, i: BatchNormInputs, mean, rstd, residual_index: int):
+    """The op's and the Function's `_saved` on their ctx; `residual_index` is the residual's position among the
+    entry's inputs (the op's 12, the Function's 3)."""
+    tensors, ctx.state = _saved(i, mean, rstd)
+    ctx.save_for_backward(*tensors)
+    ctx.residual_index = residual_index
 
 
 def _backward(ctx, dy, *_stat_grads):
-    """Only y is differentiable; running stats, num_batches_tracked and the scalars get no gradient; the residual
-    gets g = dy * act'(z) (dy itself without an activation)."""
-    x, weight, bias, mean, stat, residual, mask = ctx.saved_tensors
+    """The op's and the Function's backward: `_grads` for x, weight, bias and the residual; None for the buffers,
+    the scalars and the Function's inputs tuple."""
     needs = ctx.needs_input_grad
     r = ctx.residual_index
-    wants_dr = len(needs) > r and needs[r]
-    needs_dr = wants_dr and bool(ctx.activation)  # without an activation dresidual = dy: no kernel
+    dx, dw, db, dr = _grads(ctx.state, (*needs[:3], len(needs) > r and needs[r]), dy, *ctx.saved_tensors)
+    grads = [None] * len(needs)
+    grads[:3] = dx, dw, db
+    if len(needs) > r:
+        grads[r] = dr
+    return tuple(grads)
+
+
+def _grads(state, needs, dy, x, weight, bias, mean, stat, residual, mask):
+    """(dx, dweight, dbias, dresidual) from what `_saved` kept; `needs`: which of the four are wanted. Only y is
+    differentiable; the residual gets g = dy * act'(z) (dy itself without an activation)."""
+    training, eps, activation, act_param, pad_value, chunk = state
+    needs_dr = needs[3] and bool(activation)  # without an activation dresidual = dy: no kernel
     if torch.is_grad_enabled() or _is_functorch(dy) or torch._C._functorch.maybe_current_level() is not None:
         dx, dw, db, dr = _backward_torch(
             dy,
@@ -261,14 +278,14 @@ def _backward(ctx, dy, *_stat_grads):
             mean,
             stat,
             residual,
-            ctx.training,
-            ctx.eps,
-            ctx.activation,
-            ctx.act_param,
+            training,
+            eps,
+            activation,
+            act_param,
             (*needs[:3], needs_dr),
             mask,
-            ctx.pad_value,
-            ctx.chunk,
+            pad_value,
+            chunk,
         )
     elif type(dy) is torch.Tensor and type(x) is torch.Tensor:
         dx, dw, db, dr = launch.bn_bwd(
@@ -278,18 +295,18 @@ def _backward(ctx, dy, *_stat_grads):
             bias,
             mean,
             stat,
-            training=ctx.training,
-            eps=ctx.eps,
-            activation=ctx.activation,
-            act_param=ctx.act_param,
+            training=training,
+            eps=eps,
+            activation=activation,
+            act_param=act_param,
             needs_dx=needs[0],
             needs_dw=needs[1],
             needs_db=needs[2],
             residual=residual,
             needs_dr=needs_dr,
             mask=mask,
-            pad_value=ctx.pad_value,
-            chunk=ctx.chunk,
+            pad_value=pad_value,
+            chunk=chunk,
         )
     else:  # traced (fake/functional tensors): through the op, which torch can trace
         wanted = [*needs[:3], needs_dr]
@@ -301,23 +318,19 @@ def _backward(ctx, dy, *_stat_grads):
             mean,
             stat,
             residual,
-            ctx.training,
-            ctx.eps,
-            ctx.activation,
-            ctx.act_param,
+            training,
+            eps,
+            activation,
+            act_param,
             wanted,
             mask,
-            ctx.pad_value,
-            ctx.chunk,
+            pad_value,
+            chunk,
         )
         dx, dw, db, dr = (g if need and g.numel() else None for g, need in zip(grads, wanted, strict=True))
-    if wants_dr and not ctx.activation:
-        dr = dy if mask is None or ctx.pad_value is None else dy * mask.unsqueeze(1)  # padded outputs: constant
-    grads = [None] * len(needs)  # none for the buffers, the scalars, the eager entry's inputs tuple
-    grads[:3] = dx, dw, db
-    if len(needs) > r:
-        grads[r] = dr
-    return tuple(grads)
+    if needs[3] and not activation:
+        dr = dy if mask is None or pad_value is None else dy * mask.unsqueeze(1)  # padded outputs: constant
+    return dx, dw, db, dr
 
 
 def _is_functorch(t: Tensor) -> bool:
@@ -430,6 +443,42 @@ def _backward_torch(
 
 
 # --------------------------------------------------------------------------------------------- eager entry
+def _forward(inputs: tuple) -> tuple:
+    """The eager forward, both eager entries': (y, saved tensors, state) for `BatchNormInputs`, the running stats
+    updated in place by the kernel."""
+    i = BatchNormInputs(*inputs)
+    y, mean, rstd = launch.bn_fwd(
+        i.x,
+        i.weight,
+        i.bias,
+        i.running_mean,
+        i.running_var,
+        i.num_batches_tracked,
+        training=i.training,
+        momentum=i.momentum,
+        cumulative=i.cumulative,
+        eps=i.eps,
+        activation=i.activation,
+        act_param=i.act_param,
+        residual=i.residual,
+        mask=i.mask,
+        pad_value=i.pad_value,
+        chunk=i.virtual_batch_size,
+    )
+    return (y, *_saved(i, mean, rstd))
+
+
+_NATIVE: list = []  # [bnfast.native's module, or None] from the first eager call on (`native_node`)
+
+
+def native_node():
+    """The C++ autograd node's module (bnfast.native: built or loaded on the first call), or None when it cannot be
+    had: the eager entry then is `BatchNormFunction`. bnfast.testing.eager_entry switches it."""
+    if not _NATIVE:
+        _NATIVE.append(native.load())
+    return _NATIVE[0]
+
+
 class BatchNormFunction(torch.autograd.Function):
     """The eager entry (see the module docstring): the running stats are updated in place by the kernel. It takes
     only what autograd must see (x, weight, bias, residual; the rest rides in one tuple) and returns y alone (mean
@@ -446,26 +495,9 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, inputs):
         """x, weight, bias and the residual (what gets gradients), then all the `BatchNormInputs` as a tuple."""
-        i = BatchNormInputs(*inputs)
-        y, mean, rstd = launch.bn_fwd(
-            i.x,
-            i.weight,
-            i.bias,
-            i.running_mean,
-            i.running_var,
-            i.num_batches_tracked,
-            training=i.training,
-            momentum=i.momentum,
-            cumulative=i.cumulative,
-            eps=i.eps,
-            activation=i.activation,
-            act_param=i.act_param,
-            residual=i.residual,
-            mask=i.mask,
-            pad_value=i.pad_value,
-            chunk=i.virtual_batch_size,
-        )
-        _save(ctx, i, mean, rstd, _EAGER_RESIDUAL)
+        y, tensors, ctx.state = _forward(inputs)
+        ctx.save_for_backward(*tensors)
+        ctx.residual_index = _EAGER_RESIDUAL
         return y
 
     backward = staticmethod(_backward)
@@ -487,6 +519,11 @@ def batch_norm(*inputs, traced: bool | None = None) -> Tensor:
         traced = is_traced(inputs[0])
     if not traced:
         residual = inputs[_RESIDUAL] if len(inputs) > _RESIDUAL else None
+        node = _NATIVE[0] if _NATIVE else native_node()
+        if node is not None:
+            y = node.apply(_forward, _grads, inputs[0], inputs[1], inputs[2], residual, inputs)
+            if y is not NotImplemented:  # NotImplemented: a dual tensor (forward-mode AD): the Function raises
+                return y
         return BatchNormFunction.apply(inputs[0], inputs[1], inputs[2], residual, inputs)
     y, _, _, new_mean, new_var = batch_norm_op(*inputs)
     i = BatchNormInputs(*inputs)

@@ -9,21 +9,26 @@ column: one launch per direction) or "split" (partials + finalize + elementwise 
 Meant for tests and benchmarks (this repo's and yours): a forced "single" plan on a tensor whose column does
 not fit a tile may compile huge tiles. Not thread-safe: it sets a module-level override of the launchers.
 
+`eager_entry("native" | "function")`: the eager autograd entry, the C++ node (bnfast.native) or the
+torch.autograd.Function (what runs where the node cannot be built); same kernels, same results.
+
 `standin_driver()`: Triton's real launch path on CPU tensors with a driver that reports an sm_90 target, loads
 nothing and records what its launcher is handed (host-time benchmark, direct-launch tests; kernels compiled, not
 interpreted). `record_launches()`: bnfast's launches recorded, Triton not reached at all.
 
-Imports: torch, triton (the stand-in driver), bnfast.kernels.launch, bnfast.functional (its CPU routing, switched
-by the stand-in driver).
+Imports: torch, triton (the stand-in driver), bnfast.kernels.launch, bnfast.ops (the eager entry), bnfast.functional
+(its CPU routing, switched by the stand-in driver).
 """
 
 import contextlib
 
 import torch
 
+from . import ops
 from .kernels import launch
 
 PLANS = ("single", "split")
+ENTRIES = ("native", "function")
 
 
 @contextlib.contextmanager
@@ -39,6 +44,28 @@ def force_plan(plan: str, tile_elements: int | None = None):
         yield
     finally:
         launch.PLAN_OVERRIDE = previous
+
+
+@contextlib.contextmanager
+def eager_entry(entry: str):
+    """Inside the block, eager calls take the C++ autograd node ("native"; skipped by pytest's caller when it cannot
+    be built: `bnfast.native.reason()`) or `ops.BatchNormFunction` ("function"); restores the previous choice."""
+    if entry not in ENTRIES:
+        raise ValueError(f"eager_entry: entry must be one of {ENTRIES}, got {entry!r}")
+    node = ops.native_node()
+    if entry == "native" and node is None:
+        raise RuntimeError(f"eager_entry: the C++ autograd node is not available: {native_reason()}")
+    previous = list(ops._NATIVE)
+    ops._NATIVE[:] = [node if entry == "native" else None]
+    try:
+        yield
+    finally:
+        ops._NATIVE[:] = previous
+
+
+def native_reason() -> str | None:
+    """Why the C++ autograd node is not used (None when it is)."""
+    return ops.native.reason()
 
 
 class _Recorder:

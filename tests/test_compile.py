@@ -233,7 +233,9 @@ def test_eager_and_traced_entries_save_the_same(device, training):
     x, w, b, rm, rv = op_inputs(device, (8, 4), torch.float32)
     need_kernels(x)
     args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0, None)
-    y_fn = ops.batch_norm(*args, traced=False)  # the eager entry: ops.BatchNormFunction, returns y alone
+    # the Function's ctx shows what it saved (the C++ node's saved tensors: tests/test_native.py)
+    with bnfast.testing.eager_entry("function"):
+        y_fn = ops.batch_norm(*args, traced=False)  # the eager entry: ops.BatchNormFunction, returns y alone
     args = (x, w, b, rm.clone(), rv.clone(), None, training, 0.1, False, 1e-5, "silu", 0.0, None)
     y_op = ops.batch_norm_op(*args)[0]
     saved_fn, saved_op = y_fn.grad_fn.saved_tensors, y_op.grad_fn.saved_tensors

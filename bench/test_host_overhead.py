@@ -9,13 +9,17 @@ round by round (minimum over rounds; each round runs the step `iterations` times
   is `bnfast.testing.standin_driver()`: Triton really binds, specialises, looks up its cache (and compiles for
   sm_90 with ptxas on the first call); only the launcher's C call (argument packing, cuLaunchKernel: the same
   for any Triton kernel, a few us) is replaced by a recorder. With CUDA, the real driver on CUDA tensors.
-- "bnfast-function": the same with the eager entry's torch.autograd.Function (`bnfast.testing.eager_entry`)
-  instead of the C++ autograd node (bnfast.native), where the node can be built (otherwise both rows are this).
+  With the C++ node (bnfast.native) built, its call cache replays the module's call and its backward from C++
+  (bnfast.ops "call cache").
+- "bnfast-python": the same with the call cache off (`bnfast.testing.call_cache(False)`): bnfast's Python path
+  with the C++ node as its autograd entry.
+- "bnfast-function": the same, also with the eager entry's torch.autograd.Function (`bnfast.testing.eager_entry`)
+  instead of the C++ node: the Python path as it runs where the node cannot be built.
 - "bnfast-grid": the same with bnfast's direct launch turned off (`launch.DIRECT_LAUNCH = False`): every
   launch through Triton's `kernel[grid](...)`, i.e. `JITFunction.run`.
-- "bnfast-own": launches recorded by `bnfast.testing.record_launches` (no Triton at all, direct launch off):
-  bnfast's own Python plus torch's share. Triton's share per launch = (bnfast - bnfast-own) / launches (the
-  direct launch's key and lookup included), and likewise for -grid.
+- "bnfast-own": launches recorded by `bnfast.testing.record_launches` (no Triton at all, direct launch off, so
+  no call cache either): the Python path's own Python plus torch's share. Triton's share per launch =
+  (bnfast-python - bnfast-own) / launches (the direct launch's key and lookup included), and likewise for -grid.
 - "autograd-floor": an autograd.Function with the eager entry's inputs and output (ops.BatchNormFunction: the
   protocol's 13 inputs, y alone) that only allocates: what any Function-based layer pays torch (apply, save,
   the engine). Beside it the same with 13 inputs and 3 outputs (the entry before) and with 4 inputs, 1 output
@@ -44,6 +48,7 @@ import pytest
 SHAPE = (32, 32)  # the MNIST layer
 PROVIDERS = (
     "bnfast",
+    "bnfast-python",
     "bnfast-function",
     "bnfast-grid",
     "bnfast-own",
@@ -157,7 +162,9 @@ def measure(rounds: int, iterations: int) -> dict:
 
         node = bnfast.ops.native_node() if hasattr(bnfast.ops, "native_node") else None
         out["native"] = node is not None
-        forwards = {"bnfast": module, "bnfast-function": module, "bnfast-grid": module, "bnfast-own": module}
+        forwards = {
+            name: module for name in ("bnfast", "bnfast-python", "bnfast-function", "bnfast-grid", "bnfast-own")
+        }
         if node is not None:
             forwards["native-floor"] = _native_floor(torch, node, (x, w, b, None, full))
         forwards.update({name: floor_forward(*floors[name]) for name in FLOORS})
@@ -183,10 +190,14 @@ def measure(rounds: int, iterations: int) -> dict:
         best = {key: float("inf") for key in steps}
         for _ in range(rounds):
             for (mode, provider), step in steps.items():
-                if direct is not None:
-                    launch.DIRECT_LAUNCH = direct and provider == "bnfast"  # -own: key building counts as Triton's
+                if direct is not None:  # -own: the direct launch's key counts as Triton's
+                    launch.DIRECT_LAUNCH = direct and provider in ("bnfast", "bnfast-python", "bnfast-function")
                 ctx = testing.record_launches() if provider == "bnfast-own" else contextlib.nullcontext()
-                entry = testing.eager_entry("function") if provider == "bnfast-function" else contextlib.nullcontext()
+                entry = contextlib.ExitStack()
+                if node is not None and provider != "bnfast":
+                    entry.enter_context(testing.call_cache(False))
+                if node is not None and provider == "bnfast-function":
+                    entry.enter_context(testing.eager_entry("function"))
                 with entry, ctx as recorded:
                     step()  # warm-up (and the first compile)
                     t = timeit.timeit(step, number=iterations) / iterations
@@ -202,7 +213,7 @@ def measure(rounds: int, iterations: int) -> dict:
     n = out["launches"]["fwd+bwd"]
     us = out["us"]["fwd+bwd"]
     out["derived"] = {
-        "triton_per_launch_direct": round((us["bnfast"] - us["bnfast-own"]) / n, 2),
+        "triton_per_launch_direct": round((us["bnfast-python"] - us["bnfast-own"]) / n, 2),
         "triton_per_launch_grid": round((us["bnfast-grid"] - us["bnfast-own"]) / n, 2),
         "launches_per_fwd_bwd": n,
     }
@@ -212,8 +223,9 @@ def measure(rounds: int, iterations: int) -> dict:
 def format_table(result: dict) -> str:
     us, d = result["us"], result["derived"]
     rows = [
-        ("bnfast (module, Triton's launch included)", "bnfast"),
-        ("bnfast, the torch.autograd.Function entry", "bnfast-function"),
+        ("bnfast (module, Triton's launch included; call cache replays)", "bnfast"),
+        ("bnfast, call cache off (the Python path, the C++ node)", "bnfast-python"),
+        ("bnfast, call cache off, torch.autograd.Function entry", "bnfast-function"),
         ("bnfast, every launch through kernel[grid]", "bnfast-grid"),
         ("bnfast's own Python + torch (launches recorded)", "bnfast-own"),
         ("autograd floor: the C++ node (bnfast.native), allocating", "native-floor"),

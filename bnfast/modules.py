@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import ops
 from .activations import Activation, resolve_activation
 from .distributed import sync_batch_norm_impl
 from .functional import batch_norm_impl, virtual_batch_size_of
@@ -98,6 +99,14 @@ class FusedBatchNormBase:
         changes (`bnfast.functional`): a tracing fusion (bnfast.fuse) cannot see shapes, so any residual must do.
         `mask` (bool, the input's shape without the channel dim, True = valid) and `pad_value`: masked BatchNorm,
         statistics over the valid positions only (see `bnfast.batch_norm`)."""
+        if mask is None and _CACHE[0] is not None and not torch.compiler.is_compiling():
+            y = _CACHE[0].forward(self, input, residual)  # C++: this module's last call again, or NotImplemented
+            if y is not NotImplemented:
+                return y
+            return ops.module_call(self, input, residual, lambda: self._forward(input, residual), _plain(self))
+        return self._forward(input, residual, mask, pad_value)
+
+    def _forward(self, input, residual=None, mask=None, pad_value=None):
         leaf = _fx_leaf(self, input, residual, mask, pad_value)
         if leaf is not None:
             return leaf
@@ -140,17 +149,26 @@ _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"
 _PLAIN_TYPES: dict[type, bool] = {}  # class -> no class attribute named in _STATE (a parametrization's property)
 
 
+def _plain(module: nn.Module) -> bool:
+    """No class attribute of `module`'s class is named in _STATE (a parametrization's property would be)."""
+    cls = type(module)
+    plain = _PLAIN_TYPES.get(cls)
+    if plain is None:
+        plain = _PLAIN_TYPES[cls] = not any(hasattr(cls, name) for name in _STATE)
+    return plain
+
+
+_CACHE = ops.CALL_CACHE  # [bnfast.native's module] once loaded, with the call cache on (bnfast.ops "call cache")
+
+
 def _state(module: nn.Module) -> list:
     """[module.weight, .bias, .running_mean, .running_var, .num_batches_tracked] as attribute reads give them.
     They live in the module's _parameters / _buffers, which `nn.Module.__getattr__` searches (~0.5 us a read)
     only after the class and the instance dict: read from there directly (~0.1 us) when neither the class nor the
     instance holds any of the names (parametrize's property, weight_norm's instance attribute: then getattr), and
     not under torch.compile (dynamo traces attribute reads, not the module's dicts)."""
-    cls, d = type(module), module.__dict__
-    plain = _PLAIN_TYPES.get(cls)
-    if plain is None:
-        plain = _PLAIN_TYPES[cls] = not any(hasattr(cls, name) for name in _STATE)
-    if not plain or torch.compiler.is_compiling() or not d.keys().isdisjoint(_STATE):  # dynamo: its own reads
+    d = module.__dict__
+    if not _plain(module) or torch.compiler.is_compiling() or not d.keys().isdisjoint(_STATE):  # dynamo: its own reads
         return [getattr(module, name) for name in _STATE]
     params, buffers = d["_parameters"], d["_buffers"]
     return [

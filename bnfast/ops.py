@@ -51,6 +51,7 @@ The eager-vs-traced choice and the running-stat copy-back live here too (`batch_
 Imports: torch, bnfast.activations, bnfast.kernels.launch.
 """
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -465,7 +466,10 @@ def _forward(inputs: tuple) -> tuple:
         pad_value=i.pad_value,
         chunk=i.virtual_batch_size,
     )
-    return (y, *_saved(i, mean, rstd))
+    tensors, state = _saved(i, mean, rstd)
+    if _CALL is not None:  # a call-cache capture (`module_call`): what this call did
+        _CALL.append(("forward", inputs, launch.LAST_PLAN[0], (y, mean, rstd), tensors, state))
+    return y, tensors, state
 
 
 _NATIVE: list = []  # [bnfast.native's module, or None] from the first eager call on (`native_node`)
@@ -475,8 +479,108 @@ def native_node():
     """The C++ autograd node's module (bnfast.native: built or loaded on the first call), or None when it cannot be
     had: the eager entry then is `BatchNormFunction`. bnfast.testing.eager_entry switches it."""
     if not _NATIVE:
-        _NATIVE.append(native.load())
+        node = native.load()
+        _NATIVE.append(node)
+        if node is not None:
+            node.init(*launch.native_globals(), _NATIVE, _native_backward)
+            if os.environ.get("BNFAST_CALL_CACHE", "1") != "0":
+                CALL_CACHE[0] = node
     return _NATIVE[0]
+
+
+def _native_backward(state, needs, dy, *saved):
+    """The C++ node's backward: `_grads`, and for a node the call cache made, the spec of the backward plan the
+    kernels replayed with every launch direct (((layouts, steps), dr is dy) or None): the node's entry then replays
+    it from C++ (bnfast/csrc/autograd_node.cpp)."""
+    launch.LAST_PLAN[0] = None
+    dx, dw, db, dr = _grads(state, needs, dy, *saved)
+    plan = launch.LAST_PLAN[0]
+    if plan is None or saved[6] is not None:  # not the kernels' plan replayed direct, or a mask
+        return dx, dw, db, dr, None
+    exported = plan.native()
+    return dx, dw, db, dr, None if exported is None else (exported, needs[3] and not state[2])
+
+
+# --------------------------------------------------------------------------------------------- call cache
+# The modules' eager forward, replayed from C++ (bnfast/csrc/autograd_node.cpp, "call cache"): on a module's call
+# whose every input to the slow path's decisions (the module's class, its training / momentum / eps /
+# track_running_stats / activation / virtual_batch_size objects, its parameters' and buffers' classes and layouts,
+# x's and the residual's layouts, bnfast's and Triton's launch switches, the thread's autograd, functorch, mode
+# and tracing state) is as on its last stored call, C++ does what that call did: num_batches_tracked += k, the
+# forward plan's launches with this call's tensors, the node. Anything else takes the slow path, which
+# `module_call` records (`_CALL`) and stores again when it ran the kernels' forward plan direct with tensors all
+# from the module and the call (`_call_spec`). The node's first slow backward stores the backward plan likewise.
+CALL_CACHE: list = [None]  # [bnfast.native's module] when the call cache is on (BNFAST_CALL_CACHE=0: off)
+_CALL: list | None = None  # while `module_call` records: ("increment", k), ("forward", inputs, plan, outputs, ...)
+
+
+def record_increment(k: int) -> None:
+    """bnfast.functional's num_batches_tracked += k, for the call cache (only while recording)."""
+    if _CALL is not None:
+        _CALL.append(("increment", k))
+
+
+def module_call(module, x, residual, slow, plain_module: bool):
+    """`slow()` (the module's forward), recorded; then stored in the call cache when it can be replayed."""
+    global _CALL
+    node = _NATIVE[0] if _NATIVE else native_node()
+    if node is None or _CALL is not None:
+        return slow()
+    _CALL = record = []
+    try:
+        y = slow()
+    finally:
+        _CALL = None
+    spec = _call_spec(module, x, residual, y, record, plain_module)
+    if spec is not None:
+        node.store(module, x, residual, spec)
+    return y
+
+
+def _call_spec(module, x, residual, y, record, plain_module):
+    """(sources, increment, forward plan, saved slots, state) for bnfast/csrc/autograd_node.cpp's `store`, or None
+    when the recorded call cannot be replayed: the kernels' forward plan ran direct, its inputs are the call's x,
+    residual and the module's own state, nothing else ran (a torch fallback, a second call), and y is its output."""
+    forwards = [r for r in record if r[0] == "forward"]
+    increments = [r[1] for r in record if r[0] == "increment"]
+    if not plain_module or len(forwards) != 1 or len(increments) > 1 or len(record) != len(forwards) + len(increments):
+        return None
+    _, inputs, plan, outputs, tensors, state = forwards[0]
+    i = BatchNormInputs(*inputs)
+    if plan is None or outputs[0] is not y or i.mask is not None or type(x) is not torch.Tensor:
+        return None
+    if residual is not None and type(residual) is not torch.Tensor:
+        return None
+    state_objects = [module._parameters.get("weight"), module._parameters.get("bias")]
+    state_objects += [module._buffers.get(n) for n in ("running_mean", "running_var", "num_batches_tracked")]
+    # bn_fwd's inputs, in its plan's table order
+    plan_inputs = (i.x, i.weight, i.bias, i.running_mean, i.running_var, i.num_batches_tracked, i.residual)
+    sources = []
+    for t in plan_inputs:
+        if t is None:
+            sources.append(-2)
+        elif t is x:
+            sources.append(-1)
+        elif residual is not None and t is residual:
+            sources.append(5)
+        elif any(t is o for o in state_objects):
+            sources.append(next(k for k, o in enumerate(state_objects) if t is o))
+        else:
+            return None
+    table = (*plan_inputs, *outputs)
+    saved = []
+    for t in tensors:
+        slot = next((k for k, o in enumerate(table) if o is not None and o is t), None)
+        if t is not None and slot is None:
+            return None
+        saved.append(-1 if t is None else slot)
+    exported = plan.native()
+    if exported is None or len(exported[0]) != len(outputs):
+        return None
+    increment = increments[0] if increments else 0
+    if increment and state_objects[4] is None:
+        return None
+    return tuple(sources), increment, exported, tuple(saved), state
 
 
 class BatchNormFunction(torch.autograd.Function):

@@ -12,6 +12,8 @@ not fit a tile may compile huge tiles. Not thread-safe: it sets a module-level o
 `eager_entry("native" | "function")`: the eager autograd entry, the C++ node (bnfast.native) or the
 torch.autograd.Function (what runs where the node cannot be built); same kernels, same results.
 
+`call_cache(enabled)`: the modules' call cache (a module's repeated eager call replayed from C++) on or off.
+
 `standin_driver()`: Triton's real launch path on CPU tensors with a driver that reports an sm_90 target, loads
 nothing and records what its launcher is handed (host-time benchmark, direct-launch tests; kernels compiled, not
 interpreted). `record_launches()`: bnfast's launches recorded, Triton not reached at all.
@@ -61,6 +63,21 @@ def eager_entry(entry: str):
         yield
     finally:
         ops._NATIVE[:] = previous
+
+
+@contextlib.contextmanager
+def call_cache(enabled: bool):
+    """Inside the block the modules' call cache (bnfast.ops "call cache": a module's eager call replayed from C++)
+    is on or off; restores the previous state. On needs the C++ node (bnfast.native)."""
+    node = ops.native_node()
+    if enabled and node is None:
+        raise RuntimeError(f"call_cache: the C++ autograd node is not available: {native_reason()}")
+    previous = ops.CALL_CACHE[0]
+    ops.CALL_CACHE[0] = node if enabled else None
+    try:
+        yield
+    finally:
+        ops.CALL_CACHE[0] = previous
 
 
 def native_reason() -> str | None:

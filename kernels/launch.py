@@ -525,6 +525,9 @@ _PLANS: dict = {}  # signature -> _Plan
 _PLANS_MAX = 4096  # entries; emptied when full
 _CAPTURE: list | None = None  # while a plan is captured: _launch appends its arguments here
 _GENERATION = [0]  # bumped whenever cached launchers must not be used any more (clear_direct_cache)
+# the plan the last bn_fwd / bn_bwd call replayed with every launch direct, else None (bnfast.ops's call cache
+# reads it right after the call: see `_Plan.native`)
+LAST_PLAN: list = [None]
 
 
 class _Step:
@@ -535,6 +538,7 @@ class _Step:
         "grid",
         "num_warps",
         "device",
+        "slots",
         "pointers",
         "unique",
         "ints",
@@ -548,6 +552,7 @@ class _Step:
 
     def __init__(self, name, grid, num_warps, device, slots, ptrs, ints, floats, consts):
         self.name, self.grid, self.num_warps, self.device = name, grid, num_warps, device
+        self.slots = tuple(slots)
         self.pointers = _getter(slots)
         self.unique = _getter(sorted(set(slots)))
         self.ints, self.floats, self.consts = ints, floats, consts
@@ -581,6 +586,7 @@ class _Plan:
         """Allocate the outputs (on `like`'s device), replay the launches with `inputs` + outputs; the outputs."""
         outputs = tuple(None if o is None else like.new_empty_strided(o[0], o[1], dtype=o[2]) for o in self.outputs)
         table = inputs + outputs
+        direct = True
         for step in self.steps:
             ptrs = step.pointers(table)
             kernel = getattr(_k, step.name)
@@ -600,9 +606,51 @@ class _Plan:
                     with _on_device(device):
                         _direct(entry, step.grid, device, (*ptrs, *step.tail))
                 continue
+            direct = False
             _launch(step.name, step.grid, step.num_warps, step.device, ptrs, step.ints, step.floats, step.consts)
             step.refresh()
+        if direct:
+            LAST_PLAN[0] = self
         return outputs
+
+    def native(self) -> tuple | None:
+        """This plan as bnfast/csrc/autograd_node.cpp replays it, (output layouts, steps), each step (name, kernel,
+        grid x, grid y, grid, device, pointer slots, unique slots, constant arguments, launcher, function, packed
+        metadata, launch_metadata): what `run` hands `_direct`. None when a step has no current direct entry."""
+        steps = []
+        for step in self.steps:
+            entry = step.entry
+            knobs = (_GENERATION[0], _RUNTIME_KNOBS.debug, _COMPILATION_KNOBS.instrumentation_mode)
+            if entry is None or step.valid != knobs:
+                return None
+            kernel, launcher, function, packed, launch_metadata = entry
+            grid = step.grid
+            unique = tuple(sorted(set(step.slots)))
+            steps.append(
+                (
+                    step.name,
+                    kernel,
+                    grid[0],
+                    grid[1] if len(grid) > 1 else 1,
+                    grid,
+                    step.device,
+                    step.slots,
+                    unique,
+                    step.tail,
+                    launcher,
+                    function,
+                    packed,
+                    launch_metadata,
+                )  # fmt: skip
+            )
+        return self.outputs, tuple(steps)
+
+
+def native_globals() -> tuple:
+    """What bnfast/csrc/autograd_node.cpp's `init` takes of this module: the objects whose state every C++ replay
+    checks as `_Plan.run` does (this module's and the kernels module's dicts, _DRIVER, Triton's driver config,
+    _GENERATION, Triton's runtime and compilation knobs)."""
+    return globals(), vars(_k), _DRIVER, _DRIVER_CONFIG, _GENERATION, _RUNTIME_KNOBS, _COMPILATION_KNOBS
 
 
 def _capture_plan(key, inputs: tuple, stages, *args, **kwargs):
@@ -897,6 +945,7 @@ def bn_fwd(
 ):
     """Forward: `_bn_fwd` (what it computes and returns), replayed from its launch plan when the call's signature
     has one (see "launch plans"; the signature lists every argument: tests/test_launch_plans.py checks it)."""
+    LAST_PLAN[0] = None
     if LAUNCH_PLANS and mask is None and pad_value is None:
         device = x.get_device()
         key = (
@@ -1105,6 +1154,7 @@ def bn_bwd(
 ):
     """Backward: `_bn_bwd` (what it computes and returns), replayed from its launch plan when the call's
     signature has one (see "launch plans"; the signature lists every argument: tests/test_launch_plans.py)."""
+    LAST_PLAN[0] = None
     if LAUNCH_PLANS and mask is None and pad_value is None:
         device = x.get_device()
         key = (

@@ -10,6 +10,7 @@
 # From the repo root, no network: torch, triton, numpy, pytest, pytest-benchmark (matplotlib for the plot); a tree
 # that is not installed yet gets `pip install --no-deps --no-build-isolation -e .` first (offline).
 # Headline mode, in this order (the cases: bench/cases.py "headline" set; the tests: bench/headline_tests.txt):
+#   0. native    `python -m bnfast.native`: build the eager entry's C++ autograd node (cached per machine)
 #   1. sanity    python -m bench.sanity check: bnfast fwd+bwd vs the float64 reference on CUDA, in its own process
 #                (CUDA_LAUNCH_BLOCKING=1), so that an illegal address cannot poison the stages after it
 #   2. bn        fwd+bwd BN+ReLU, bnfast vs eager vs torch.compile: float32 (32, 32), (4096, 256); float32 and bf16
@@ -43,7 +44,9 @@
 #   parity  6 s start + ~45 Triton configurations (20 tests, tiny shapes, both plans) x ~1 s
 #           + 1 inductor compile (~15 s)                                                         ~ 66 s
 #   install (a fresh tree), summaries, nvidia-smi, environment                                   ~ 18 s
-#   total   26 + 137 + 38 + 66 + 18                                                              ~ 285 s (<= 330 s)
+#   native  the C++ node: one g++ compile of bnfast/csrc/autograd_node.cpp (25-30 s on this project's 2-core CPU;
+#           the GPU machine's 16 cores do not speed up one file)                                 ~ 25 s
+#   total   26 + 137 + 38 + 66 + 18 + 25                                                         ~ 310 s (<= 330 s)
 #
 # Writes into $OUT if set (the device tool's output folder), else bench/results/<date>-<device>/:
 #   run.log          command, date, commit (BNFAST_COMMIT, else git), device, versions, nvidia-smi; each stage's
@@ -183,6 +186,9 @@ SANITY=(env CUDA_LAUNCH_BLOCKING=1 $PY -m bench.sanity check --json "$DEST/sanit
 node_ids() { grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$1" | sed 's/[[:space:]]*$//'; }
 mapfile -t HEADLINE_TESTS < <(node_ids bench/headline_tests.txt)
 
+# the eager entry's C++ node (bnfast.native): compiled once per machine (~20-30 s, cached), before any timed or
+# capped stage needs it; without a compiler the stages run the torch.autograd.Function entry (logged here)
+[ $COLLECT = 1 ] || stage native 90 $PY -m bnfast.native
 case $MODE in
     headline)
         stage sanity 45 "${SANITY[@]}"

@@ -299,8 +299,7 @@ def batch_norm_impl(
         )
     if count_batch:
         num_batches_tracked.add_(chunks if ghost else 1)
-        if ops._CALL is not None:  # the call cache records what a module's call did (bnfast.ops "call cache")
-            ops.record_increment(chunks if ghost else 1)
+        ops.record_increment(chunks if ghost else 1)  # for the call cache, while it records (bnfast.ops)
     factor = 0.0 if momentum is None or not training else float(momentum)
     traced = _is_traced(x)
     if x.numel() == 0 or not uses_triton(x) or (not traced and _needs_torch_ops()) or residual_by_torch:

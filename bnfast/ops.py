@@ -19,18 +19,24 @@ y = act(BN(x) + residual) when a residual is given. Saved for the backward: x, w
 vectors ((chunks, C) under ghost BatchNorm), and the residual only when an activation is fused (act'(z) needs
 z = BN(x) + residual; without an activation the residual's gradient is dy itself and nothing of it is kept).
 
-Two entries, one implementation:
-- `BatchNormFunction` (autograd.Function) is the eager entry: its forward updates the running stats in place.
+Three entries, one implementation:
+- The eager entry, in C++ where it can be built (bnfast.native compiles bnfast/csrc/autograd_node.cpp at first
+  use): `node.apply` makes y's grad_fn a C++ torch::autograd::Node around the same Python forward (`_forward`)
+  and backward (`_grads`), without torch.autograd.Function's bookkeeping (bench/test_host_overhead.py's floors).
+- `BatchNormFunction` (autograd.Function) is the eager entry where the node cannot be built (no C++ compiler,
+  BNFAST_NATIVE_AUTOGRAD=0) and for forward-mode AD (dual tensors: it raises torch's error).
 - The `bnfast::` torch.library ops are what torch.compile / torch.export / fake tensors see (traceable, no
   graph break). No op mutates its inputs (PyTorch refuses autograd for mutating custom ops), so the op's
   forward is functional like aten's `_native_batch_norm_legit_functional`: it returns the new running stats
   and `batch_norm` below copies them into the buffers in place.
-Both take the same inputs in the same order (`BatchNormInputs`, the protocol written out once), so `_save` and
-`_backward` are literally the same functions for both (the op's `_setup_context` marks its extra outputs and
-calls `_save`; the Function returns y alone). Why keep the eager Function at all: measured on this project's CPU
-(launches recorded), the custom op's eager dispatch costs about twice the host time per forward+backward of
-`BatchNormFunction.apply` (the README's "Host time"); a layer of the MNIST model computes for ~3 us on a GPU, so
-host time is the step time there.
+All take the same inputs in the same order (`BatchNormInputs`, the protocol written out once) and save what
+`_saved` says; `_grads` is the backward of all three (the op's `_setup_context` marks its extra outputs and calls
+`_save`; the eager entries return y alone). Why not the op eagerly: measured on this project's CPU, its eager
+dispatch costs about twice the host time per forward+backward of `BatchNormFunction.apply` (the README's "Host
+time"); a layer of the MNIST model computes for ~3 us on a GPU, so host time is the step time there.
+
+On top of the C++ node, the call cache ("call cache" below) replays a module's repeated eager call, forward and
+backward, from C++, with the same arguments to the same compiled kernels as this Python path.
 
 Rules the op schemas follow: custom_op cannot return None, so "no such tensor" is a 0-element tensor (the
 new running stats without buffers, save_mean/save_rstd in eval, gradients not asked for); outputs alias
@@ -48,10 +54,11 @@ The backward has two paths:
 The eager-vs-traced choice and the running-stat copy-back live here too (`batch_norm`, `is_traced`), so that
 `bnfast.functional` only checks and routes (kernels or torch).
 
-Imports: torch, bnfast.activations, bnfast.kernels.launch.
+Imports: torch, bnfast.native (the C++ node), bnfast.activations, bnfast.kernels.launch.
 """
 
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -467,8 +474,9 @@ def _forward(inputs: tuple) -> tuple:
         chunk=i.virtual_batch_size,
     )
     tensors, state = _saved(i, mean, rstd)
-    if _CALL is not None:  # a call-cache capture (`module_call`): what this call did
-        _CALL.append(("forward", inputs, launch.LAST_PLAN[0], (y, mean, rstd), tensors, state))
+    record = getattr(_RECORDING, "call", None)
+    if record is not None:  # a call-cache capture (`module_call`): what this call did
+        record.append(("forward", inputs, launch.LAST_PLAN[0], (y, mean, rstd), tensors, state))
     return y, tensors, state
 
 
@@ -508,29 +516,31 @@ def _native_backward(state, needs, dy, *saved):
 # x's and the residual's layouts, bnfast's and Triton's launch switches, the thread's autograd, functorch, mode
 # and tracing state) is as on its last stored call, C++ does what that call did: num_batches_tracked += k, the
 # forward plan's launches with this call's tensors, the node. Anything else takes the slow path, which
-# `module_call` records (`_CALL`) and stores again when it ran the kernels' forward plan direct with tensors all
-# from the module and the call (`_call_spec`). The node's first slow backward stores the backward plan likewise.
+# `module_call` records (`_RECORDING`, per thread) and stores again when it ran the kernels' forward plan direct
+# with tensors all from the module and the call (`_call_spec`). The node's first slow backward stores the
+# backward plan likewise (`_native_backward`).
 CALL_CACHE: list = [None]  # [bnfast.native's module] when the call cache is on (BNFAST_CALL_CACHE=0: off)
-_CALL: list | None = None  # while `module_call` records: ("increment", k), ("forward", inputs, plan, outputs, ...)
+# this thread's recording while `module_call` runs the slow path (.call: ("increment", k), ("forward", ...))
+_RECORDING = threading.local()
 
 
 def record_increment(k: int) -> None:
     """bnfast.functional's num_batches_tracked += k, for the call cache (only while recording)."""
-    if _CALL is not None:
-        _CALL.append(("increment", k))
+    record = getattr(_RECORDING, "call", None)
+    if record is not None:
+        record.append(("increment", k))
 
 
 def module_call(module, x, residual, slow, plain_module: bool):
     """`slow()` (the module's forward), recorded; then stored in the call cache when it can be replayed."""
-    global _CALL
     node = _NATIVE[0] if _NATIVE else native_node()
-    if node is None or _CALL is not None:
+    if node is None or getattr(_RECORDING, "call", None) is not None:  # a module's call inside another's: slow
         return slow()
-    _CALL = record = []
+    _RECORDING.call = record = []
     try:
         y = slow()
     finally:
-        _CALL = None
+        _RECORDING.call = None
     spec = _call_spec(module, x, residual, y, record, plain_module)
     if spec is not None:
         node.store(module, x, residual, spec)

@@ -11,16 +11,11 @@ buffers) and outputs by layout, and num_batches_tracked after each step. The cac
 (the first captures the launch plans, the second is stored): steps 3 and 4 are replayed.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from compiled import run_checks
 
 from bnfast import native, ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # scenarios whose plans need a workspace (the split plan's partials, ghost BatchNorm's per-chunk gradient sums)
 # are not planned (kernels/launch.py "launch plans"), so not cached: only their forward or nothing replays
 NOT_PLANNED_BACKWARD = {"ghost-no-stats"}
@@ -31,17 +26,7 @@ NOT_PLANNED = {"split-plan"}
 def checks():
     if ops.native_node() is None:
         pytest.skip(f"no C++ node: {native.reason()}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "call_cache_checks.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_checks("call_cache_checks.py")
     if "skip" in result:
         pytest.skip(result["skip"])
     return result

@@ -9,12 +9,12 @@ the same with that one component changed, twice. `runs` counts the launches that
 `loads` the new compiled kernels, `functions` the function handle the launcher got.
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
+from compiled import run_checks
 
 from bnfast.kernels import launch
 
@@ -22,18 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_checks(**env_updates):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(env_updates)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "direct_launch_checks.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_checks("direct_launch_checks.py", **env_updates)
 
 
 @pytest.fixture(scope="module")

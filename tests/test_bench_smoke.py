@@ -149,6 +149,7 @@ def test_sanity_check_runs_and_catches_a_wrong_result(monkeypatch):
     ]
     result = sanity.check("cpu", tiny)
     assert result["ok"] and [c["id"] for c in result["cases"]] == [c.id for c in tiny], result
+    assert all("max_err_replayed" in c for c in result["cases"])  # the fourth call checked too
     monkeypatch.setitem(harness.CHECK_TOL, torch.float32, -1.0)
     result = sanity.check("cpu", tiny)
     assert not result["ok"] and "wrong result" in result["cases"][0]["error"] and "error" not in result["cases"][1]

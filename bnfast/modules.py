@@ -103,7 +103,7 @@ class FusedBatchNormBase:
             y = _CACHE[0].forward(self, input, residual)  # C++: this module's last call again, or NotImplemented
             if y is not NotImplemented:
                 return y
-            return ops.module_call(self, input, residual, lambda: self._forward(input, residual), _plain(self))
+            return ops.module_call(self, input, residual, lambda: self._forward(input, residual), _cacheable(self))
         return self._forward(input, residual, mask, pad_value)
 
     def _forward(self, input, residual=None, mask=None, pad_value=None):
@@ -159,6 +159,24 @@ def _plain(module: nn.Module) -> bool:
 
 
 _CACHE = ops.CALL_CACHE  # [bnfast.native's module] once loaded, with the call cache on (bnfast.ops "call cache")
+_FIELDS = ("training", "momentum", "eps", "track_running_stats", "activation", "virtual_batch_size")  # what C++ reads
+_CACHEABLE: dict[type, bool] = {}
+
+
+def _cacheable(module: nn.Module) -> bool:
+    """The call cache may replay `module`'s calls: its class computes the call with bnfast's own `_forward` and
+    `_batch_norm` (a subclass's override may read more than the cache compares), reads its state from the module's
+    dicts (`_plain`), and no class attribute computes one of the fields the cache compares (a property)."""
+    cls = type(module)
+    cacheable = _CACHEABLE.get(cls)
+    if cacheable is None:
+        cacheable = _CACHEABLE[cls] = (
+            _plain(module)
+            and cls._forward is FusedBatchNormBase._forward
+            and cls._batch_norm is FusedBatchNormBase._batch_norm
+            and not any(hasattr(type(getattr(cls, name, None)), "__get__") for name in _FIELDS)
+        )
+    return cacheable
 
 
 def _state(module: nn.Module) -> list:

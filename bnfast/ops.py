@@ -54,7 +54,7 @@ The backward has two paths:
 The eager-vs-traced choice and the running-stat copy-back live here too (`batch_norm`, `is_traced`), so that
 `bnfast.functional` only checks and routes (kernels or torch).
 
-Imports: torch, bnfast.native (the C++ node), bnfast.activations, bnfast.kernels.launch.
+Imports: torch, bnfast.native (the C++ node, on the first eager call), bnfast.activations, bnfast.kernels.launch.
 """
 
 import os
@@ -65,7 +65,6 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from . import native
 from .activations import Activation
 from .kernels import launch
 
@@ -487,6 +486,8 @@ def native_node():
     """The C++ autograd node's module (bnfast.native: built or loaded on the first call), or None when it cannot be
     had: the eager entry then is `BatchNormFunction`. bnfast.testing.eager_entry switches it."""
     if not _NATIVE:
+        from . import native  # imported on the first eager call: `python -m bnfast.native` runs it as a script
+
         node = native.load()
         _NATIVE.append(node)
         if node is not None:

@@ -82,7 +82,9 @@ def call_cache(enabled: bool):
 
 def native_reason() -> str | None:
     """Why the C++ autograd node is not used (None when it is)."""
-    return ops.native.reason()
+    from . import native
+
+    return native.reason()
 
 
 class _Recorder:

@@ -380,6 +380,7 @@ struct CallEntry {
   // the backward, stored by the first slow backward of a node this entry made
   bool has_backward = false;
   Meta dy;
+  Meta saved_meta[6];  // the backward plan's inputs after dy (x, weight, bias, mean, stat, residual) as unpacked
   bool needs[4] = {};
   bool dr_is_dy = false;
   Plan backward;
@@ -430,6 +431,13 @@ struct BatchNormBackward final : Node {
     }
     for (int i = 0; i < kInputs; ++i) {
       if (needs[i] != e.needs[i]) {
+        return 0;
+      }
+    }
+    // what the saved tensors unpacked to (a saved-tensor hook may return another layout than it was given)
+    for (int i = 0; i < 6; ++i) {
+      const at::Tensor& t = tensors[i];
+      if (e.saved_meta[i].none ? t.defined() : (!t.defined() || !plain_keys(t) || !e.saved_meta[i].matches(t))) {
         return 0;
       }
     }
@@ -526,6 +534,9 @@ struct BatchNormBackward final : Node {
       if (PyArg_ParseTuple(PyTuple_GET_ITEM(result, 4), "OO", &exported, &dr_is_dy) &&
           parse_plan(exported, e.backward, e.backward_owned)) {
         e.dy = Meta::of(dy);
+        for (int i = 0; i < 6 && i < static_cast<int>(tensors.size()); ++i) {
+          e.saved_meta[i] = tensors[i].defined() ? Meta::of(tensors[i]) : Meta();
+        }
         std::copy(needs, needs + kInputs, e.needs);
         e.dr_is_dy = dr_is_dy == Py_True;
         e.has_backward = true;

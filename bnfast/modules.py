@@ -19,7 +19,12 @@ root), `batch_norm_impl` (`sync_batch_norm_impl`) is an fx leaf (`torch.fx.wrap`
 records one call instead of tracing into the checks. torch.jit.script cannot compile Triton launches: scripting
 raises a clear error.
 
-Imports: torch, bnfast.activations, bnfast.functional, bnfast.distributed, bnfast.known.
+The call cache: `FusedBatchNorm1d/2d/3d.forward` first asks bnfast.ops's call cache (C++) to replay the module's
+last call; when it cannot (the first calls of a layout, any change: bnfast/ops.py "call cache"), the call takes the
+path above through `ops.module_call`, which records it and stores it for the next.
+
+Imports: torch, bnfast.activations, bnfast.ops (the call cache), bnfast.functional, bnfast.distributed,
+bnfast.known.
 """
 
 import inspect

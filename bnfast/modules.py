@@ -104,7 +104,7 @@ class FusedBatchNormBase:
         changes (`bnfast.functional`): a tracing fusion (bnfast.fuse) cannot see shapes, so any residual must do.
         `mask` (bool, the input's shape without the channel dim, True = valid) and `pad_value`: masked BatchNorm,
         statistics over the valid positions only (see `bnfast.batch_norm`)."""
-        if mask is None and _CACHE[0] is not None and not torch.compiler.is_compiling():
+        if mask is None and pad_value is None and _CACHE[0] is not None and not torch.compiler.is_compiling():
             y = _CACHE[0].forward(self, input, residual)  # C++: this module's last call again, or NotImplemented
             if y is not NotImplemented:
                 return y

@@ -14,6 +14,10 @@ from parity import DEVICE  # noqa: E402
 
 import bnfast  # noqa: E402
 
+# the eager entry's C++ node (and with it the call cache) from the first test on, whatever the order of the tests:
+# built here once per machine where a C++ compiler is (bnfast.native), the Function entry elsewhere
+bnfast.ops.native_node()
+
 
 @pytest.fixture
 def device():

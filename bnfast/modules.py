@@ -108,7 +108,8 @@ class FusedBatchNormBase:
             y = _CACHE[0].forward(self, input, residual)  # C++: this module's last call again, or NotImplemented
             if y is not NotImplemented:
                 return y
-            return ops.module_call(self, input, residual, lambda: self._forward(input, residual), _cacheable(self))
+            state = _state(self) if _cacheable(self) else None
+            return ops.module_call(self, input, residual, lambda: self._forward(input, residual), state)
         return self._forward(input, residual, mask, pad_value)
 
     def _forward(self, input, residual=None, mask=None, pad_value=None):

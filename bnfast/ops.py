@@ -234,7 +234,7 @@ def _setup_context(ctx, inputs, output):
     """The op's setup (register_autograd): `inputs` follow `BatchNormInputs`; `output` is the op's
     (y, save_mean, save_rstd, new running stats), all but y non-differentiable."""
     ctx.mark_non_differentiable(*output[1:])
-    _save(ctx, BatchNormInputs(*inputs), output[1], output[2], _RESIDUAL)
+    _save(ctx, *_saved(BatchNormInputs(*inputs), output[1], output[2]), _RESIDUAL)
 
 
 def _saved(i: BatchNormInputs, mean, rstd) -> tuple[tuple, tuple]:
@@ -250,12 +250,11 @@ def _saved(i: BatchNormInputs, mean, rstd) -> tuple[tuple, tuple]:
     return tensors, (i.training, i.eps, i.activation, i.act_param, i.pad_value, chunk)
 
 
-def _save(ctx, i: BatchNormInputs, mean, rstd, residual_index: int):
-    """The op's and the Function's `_saved` on their ctx; `residual_index` is the residual's position among the
-    entry's inputs (the op's 12, the Function's 3)."""
-    tensors, ctx.state = _saved(i, mean, rstd)
+def _save(ctx, tensors: tuple, state: tuple, residual_index: int):
+    """The op's and the Function's: what `_saved` says, on their ctx; `residual_index` is the residual's position
+    among the entry's inputs (the op's 12, the Function's 3)."""
     ctx.save_for_backward(*tensors)
-    ctx.residual_index = residual_index
+    ctx.state, ctx.residual_index = state, residual_index
 
 
 def _backward(ctx, dy, *_stat_grads):
@@ -532,8 +531,10 @@ def record_increment(k: int) -> None:
         record.append(("increment", k))
 
 
-def module_call(module, x, residual, slow, plain_module: bool):
-    """`slow()` (the module's forward), recorded; then stored in the call cache when it can be replayed."""
+def module_call(module, x, residual, slow, state_objects: list | None):
+    """`slow()` (the module's forward), recorded; then stored in the call cache when it can be replayed.
+    `state_objects`: the module's [weight, bias, running_mean, running_var, num_batches_tracked] (bnfast.modules'
+    `_state`), None when its calls may not be cached."""
     node = _NATIVE[0] if _NATIVE else native_node()
     if node is None or getattr(_RECORDING, "call", None) is not None:  # a module's call inside another's: slow
         return slow()
@@ -542,19 +543,19 @@ def module_call(module, x, residual, slow, plain_module: bool):
         y = slow()
     finally:
         _RECORDING.call = None
-    spec = _call_spec(module, x, residual, y, record, plain_module)
+    spec = None if state_objects is None else _call_spec(x, residual, y, record, state_objects)
     if spec is not None:
         node.store(module, x, residual, spec)
     return y
 
 
-def _call_spec(module, x, residual, y, record, plain_module):
+def _call_spec(x, residual, y, record, state_objects):
     """(sources, increment, forward plan, saved slots, state) for bnfast/csrc/autograd_node.cpp's `store`, or None
     when the recorded call cannot be replayed: the kernels' forward plan ran direct, its inputs are the call's x,
     residual and the module's own state, nothing else ran (a torch fallback, a second call), and y is its output."""
     forwards = [r for r in record if r[0] == "forward"]
     increments = [r[1] for r in record if r[0] == "increment"]
-    if not plain_module or len(forwards) != 1 or len(increments) > 1 or len(record) != len(forwards) + len(increments):
+    if len(forwards) != 1 or len(increments) > 1 or len(record) != len(forwards) + len(increments):
         return None
     _, inputs, plan, outputs, tensors, state = forwards[0]
     i = BatchNormInputs(*inputs)
@@ -562,8 +563,6 @@ def _call_spec(module, x, residual, y, record, plain_module):
         return None
     if residual is not None and type(residual) is not torch.Tensor:
         return None
-    state_objects = [module._parameters.get("weight"), module._parameters.get("bias")]
-    state_objects += [module._buffers.get(n) for n in ("running_mean", "running_var", "num_batches_tracked")]
     # bn_fwd's inputs, in its plan's table order
     plan_inputs = (i.x, i.weight, i.bias, i.running_mean, i.running_var, i.num_batches_tracked, i.residual)
     sources = []
@@ -574,10 +573,11 @@ def _call_spec(module, x, residual, y, record, plain_module):
             sources.append(-1)
         elif residual is not None and t is residual:
             sources.append(5)
-        elif any(t is o for o in state_objects):
-            sources.append(next(k for k, o in enumerate(state_objects) if t is o))
         else:
-            return None
+            k = next((k for k, o in enumerate(state_objects) if t is o), None)
+            if k is None:
+                return None
+            sources.append(k)
     table = (*plan_inputs, *outputs)
     saved = []
     for t in tensors:
@@ -610,9 +610,8 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, inputs):
         """x, weight, bias and the residual (what gets gradients), then all the `BatchNormInputs` as a tuple."""
-        y, tensors, ctx.state = _forward(inputs)
-        ctx.save_for_backward(*tensors)
-        ctx.residual_index = _EAGER_RESIDUAL
+        y, tensors, state = _forward(inputs)
+        _save(ctx, tensors, state, _EAGER_RESIDUAL)
         return y
 
     backward = staticmethod(_backward)

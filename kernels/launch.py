@@ -540,6 +540,7 @@ class _Step:
         "device",
         "slots",
         "pointers",
+        "unique_slots",
         "unique",
         "ints",
         "floats",
@@ -554,7 +555,8 @@ class _Step:
         self.name, self.grid, self.num_warps, self.device = name, grid, num_warps, device
         self.slots = tuple(slots)
         self.pointers = _getter(slots)
-        self.unique = _getter(sorted(set(slots)))
+        self.unique_slots = tuple(sorted(set(slots)))  # each tensor once: the alignment check's
+        self.unique = _getter(self.unique_slots)
         self.ints, self.floats, self.consts = ints, floats, consts
         self.tail = (*ints, *floats, *consts)
         self.dtypes = tuple(map(_dtype_of, ptrs))
@@ -618,14 +620,13 @@ class _Plan:
         grid x, grid y, grid, device, pointer slots, unique slots, constant arguments, launcher, function, packed
         metadata, launch_metadata): what `run` hands `_direct`. None when a step has no current direct entry."""
         steps = []
+        knobs = (_GENERATION[0], _RUNTIME_KNOBS.debug, _COMPILATION_KNOBS.instrumentation_mode)
         for step in self.steps:
             entry = step.entry
-            knobs = (_GENERATION[0], _RUNTIME_KNOBS.debug, _COMPILATION_KNOBS.instrumentation_mode)
             if entry is None or step.valid != knobs:
                 return None
             kernel, launcher, function, packed, launch_metadata = entry
             grid = step.grid
-            unique = tuple(sorted(set(step.slots)))
             steps.append(
                 (
                     step.name,
@@ -635,13 +636,13 @@ class _Plan:
                     grid,
                     step.device,
                     step.slots,
-                    unique,
+                    step.unique_slots,
                     step.tail,
                     launcher,
                     function,
                     packed,
                     launch_metadata,
-                )  # fmt: skip
+                )
             )
         return self.outputs, tuple(steps)
 
